@@ -1,0 +1,151 @@
+"""The ``datafree`` command.
+
+    datafree teacher train --dataset mnist --arch lenet5 --out assets/teachers/mnist_lenet5
+    datafree teacher inspect assets/teachers/mnist_lenet5.safetensors
+    datafree teacher export assets/teachers/mnist_lenet5.safetensors --to model.pt2
+    datafree distill                      # the shipped MNIST teacher -> lenet5_half
+
+A user's mistake ends in one sentence on stderr and exit status 2; a bug keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from datafree.errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_TEACHER = ASSETS / "teachers" / "mnist_lenet5.safetensors"
+
+
+def _add_teacher_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="zoo architecture, for a safetensors file without a card")
+    p.add_argument("--dataset", help="data set whose input spec applies, for a file without a card")
+    p.add_argument("--input-spec", help="CxHxW[:mean:std], e.g. 1x28x28:0.1307:0.3081 (overrides the card)")
+
+
+def cmd_teacher_train(args) -> int:
+    from datafree.data import load_dataset
+    from datafree.models import count_parameters, create_model
+    from datafree.teacher import save_model
+    from datafree.training import accuracy, default_augment, fit_supervised
+
+    out = Path(args.out).with_suffix(".safetensors")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
+    train = load_dataset(args.dataset, train=True, data_dir=args.data_dir)
+    test = load_dataset(args.dataset, train=False, data_dir=args.data_dir)
+    spec = train.spec
+    model = create_model(args.arch, spec.num_classes, spec.channels, spec.size, **kwargs)
+    print(f"training {args.arch} ({count_parameters(model):,} parameters) on {train.name} ({len(train):,} images), "
+          f"{args.epochs} epochs, seed {args.seed}", file=sys.stderr)
+    augment = default_augment(spec.size, colour=spec.channels == 3) if args.augment else None
+    fit_supervised(model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=augment)
+    acc = accuracy(model, test)
+    card = save_model(model, out, args.arch, spec, kwargs, dataset=train.name, test_accuracy=round(acc, 2),
+                      training={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                                "augment": bool(args.augment), "optimizer": "SGD nesterov 0.9, one-cycle, wd 5e-4"})
+    print(json.dumps({"teacher": str(out), "test_accuracy": card["test_accuracy"], "sha256": card["sha256"]}))
+    return 0
+
+
+def cmd_teacher_inspect(args) -> int:
+    from datafree.teacher import load_teacher
+
+    teacher = load_teacher(args.file, arch=args.arch, dataset=args.dataset, input_spec=args.input_spec)
+    info = teacher.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    spec = teacher.spec
+    print(f"file          {args.file}")
+    print(f"format        {info['format']}")
+    print(f"architecture  {info['arch']}")
+    print(f"parameters    {info['parameters']:,}")
+    print(f"input         {spec.describe()}, mean {list(spec.mean)}, std {list(spec.std)}")
+    print(f"classes       {teacher.num_classes}: {', '.join(spec.class_names)}")
+    print(f"BN layers     {len(info['bn_layers'])}: {', '.join(info['bn_layers']) or '-'}")
+    if info["bn_note"]:
+        print(f"note          {info['bn_note']}")
+    print(f"features      {'penultimate features reachable' if teacher.has_features else 'logits only'}")
+    if info["dataset"]:
+        print(f"trained on    {info['dataset']}")
+    if info["test_accuracy"] is not None:
+        print(f"test accuracy {info['test_accuracy']}% (from the card)")
+    if info["sha256"]:
+        print(f"sha256        {info['sha256']}")
+    return 0
+
+
+def cmd_teacher_export(args) -> int:
+    from datafree.export import export_program
+    from datafree.teacher import load_model
+
+    out = Path(args.to)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    from datafree.teacher import sniff_format
+    if sniff_format(args.file) != "safetensors":
+        raise UserError("teacher export takes a safetensors + card teacher (a .pt2 or TorchScript file is already exported)")
+    spec = None
+    if args.dataset or args.input_spec:
+        from datafree.teacher import _resolve_spec
+        spec = _resolve_spec(args.dataset, args.input_spec)
+    model, card = load_model(args.file, args.arch, spec)
+    from datafree.data import InputSpec
+    export_program(model.eval(), InputSpec.from_dict(card["input_spec"]), out, card)
+    print(f"wrote {out}: takes N x {InputSpec.from_dict(card['input_spec']).describe()} images in [0, 1], returns logits")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    teacher = sub.add_parser("teacher", help="train, inspect and export teachers").add_subparsers(dest="action", required=True)
+    p = teacher.add_parser("train", help="train a zoo model on a real data set and write safetensors + card")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--arch", default="lenet5")
+    p.add_argument("--arch-kwargs", help='JSON, e.g. \'{"width": 64, "norm": "batch"}\'')
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True, help="path without suffix; NAME.safetensors and NAME.json are written")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_teacher_train)
+
+    p = teacher.add_parser("inspect", help="print a teacher's architecture, BN layers, input spec and card")
+    p.add_argument("file")
+    _add_teacher_source(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_teacher_inspect)
+
+    p = teacher.add_parser("export", help="write a self-contained .pt2 (or .ts) program taking [0, 1] images")
+    p.add_argument("file")
+    p.add_argument("--to", required=True)
+    _add_teacher_source(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_teacher_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"datafree: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("datafree: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
