@@ -101,6 +101,48 @@ def cmd_teacher_export(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from datafree.config import load_yaml, resolve_distill_config
+    from datafree.distill import run_distill
+
+    overrides = {k: getattr(args, k) for k in ("teacher", "student", "preset", "steps", "time_budget", "out", "seed",
+                                               "batch_size", "student_steps", "pool_size", "eval_data", "data_dir",
+                                               "checkpoint_every", "eval_every", "accelerator", "devices", "num_nodes",
+                                               "strategy", "generator", "teacher_input_spec")}
+    config_path = args.config
+    if args.resume:
+        stored = Path(args.out or "runs/distill") / "config.yaml"
+        if not stored.is_file():
+            raise UserError(f"nothing to resume: no run folder config at {str(stored)!r}")
+        config_path = stored
+        overrides = {k: overrides[k] for k in ("steps", "time_budget", "accelerator", "devices", "num_nodes", "strategy")}
+    elif not args.teacher and not (config_path and load_yaml(config_path).get("teacher")):
+        overrides["teacher"] = str(DEFAULT_TEACHER)
+    if not args.resume and args.eval_data is None and not args.no_eval:
+        overrides["eval_data"] = _card_dataset(overrides.get("teacher"))
+    cfg = resolve_distill_config(args.preset, config_path, overrides)
+    summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _card_dataset(teacher_path) -> str | None:
+    """Report-only evaluation defaults to the data set named in the teacher's card, when its files are here."""
+    from datafree.data import TORCHVISION_SETS, canonical_name, data_root
+
+    if not teacher_path:
+        return None
+    card = Path(teacher_path).with_suffix(".json")
+    try:
+        name = canonical_name(json.loads(card.read_text()).get("dataset") or "")
+    except (OSError, ValueError):
+        return None
+    if name in TORCHVISION_SETS and (data_root() / TORCHVISION_SETS[name][0]).is_dir():
+        return name
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher_source(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_teacher_export)
+
+    p = sub.add_parser("distill", help="train a student from a teacher alone (no real data)",
+                       description="Synthesise a transfer set with a generator trained against the teacher and distil a "
+                                   "student on it. With no arguments: the shipped MNIST teacher into lenet5_half.")
+    p.add_argument("--teacher", help=f"teacher file (default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)})")
+    p.add_argument("--input-spec", dest="teacher_input_spec", help="the teacher's input, CxHxW[:mean:std], when its file does not say")
+    p.add_argument("--student", help="zoo architecture, or a .safetensors + card to start from (default lenet5_half)")
+    p.add_argument("--preset", help="dafl, dfad, zskt, dfq, deepinversion, fast (default)")
+    p.add_argument("--config", help="YAML file of config fields")
+    p.add_argument("--steps", type=int, help="synthesis rounds")
+    p.add_argument("--time-budget", help="wall-clock limit, e.g. 10m; the best checkpoint so far is kept")
+    p.add_argument("--out", help="run folder (default runs/distill)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--generator", help="dcgan, conditional, pixels (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="synthetic images per generator step")
+    p.add_argument("--student-steps", type=int, help="student updates per round")
+    p.add_argument("--pool-size", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-data", help="real test set for the report only (default: the teacher card's data set, if present)")
+    p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
+    p.add_argument("--data-dir")
+    p.add_argument("--accelerator", help="passed to Lightning: cpu, gpu, auto")
+    p.add_argument("--devices", type=int, help="passed to Lightning")
+    p.add_argument("--num-nodes", type=int, help="passed to Lightning")
+    p.add_argument("--strategy", help="passed to Lightning, e.g. ddp")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

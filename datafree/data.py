@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,24 @@ import torch
 from datafree.errors import UserError
 
 DATA_ENV = "DATAFREE_DATA"
+_REAL_DATA_FORBIDDEN: list[str] = []
+
+
+@contextmanager
+def no_real_data(reason: str):
+    """Inside this block any attempt to load a real data set raises: data-free training never reads one.
+
+    Example:
+        >>> with no_real_data("data-free distillation"):
+        ...     load_dataset("mnist")
+        Traceback (most recent call last):
+        RuntimeError: real data was requested during data-free distillation
+    """
+    _REAL_DATA_FORBIDDEN.append(reason)
+    try:
+        yield
+    finally:
+        _REAL_DATA_FORBIDDEN.pop()
 
 
 @dataclass
@@ -168,6 +187,8 @@ def load_dataset(name: str, train: bool = True, data_dir=None, download: bool = 
         >>> len(test), test.spec.class_names[0]
         (10000, 'T-shirt/top')
     """
+    if _REAL_DATA_FORBIDDEN:
+        raise RuntimeError(f"real data was requested during {_REAL_DATA_FORBIDDEN[-1]}")
     path = Path(name).expanduser()
     if name.endswith(".npz"):
         return _load_npz(path, spec)

@@ -94,13 +94,19 @@ class Teacher(nn.Module):
         self.fixed_batch = batch_size
         if isinstance(module, Classifier):
             self._hook_zoo_model(module)
-        self.module.eval()
+        self.train(False)
         for p in self.module.parameters():
             p.requires_grad_(False)
 
     # --- the one place where the teacher is frozen -------------------------------------------
     def train(self, mode: bool = True):
-        return super().train(False)
+        """Always eval. (An exported program fixed its mode when it was exported and refuses eval().)"""
+        self.training = False
+        try:
+            self.module.eval()
+        except NotImplementedError:
+            pass
+        return self
 
     @property
     def num_classes(self) -> int:

@@ -94,6 +94,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
 
 
 def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_size: int = 128, lr: float = 0.05,

@@ -1,0 +1,225 @@
+"""The ``distill`` job: teacher file in, run folder out.
+
+    runs/NAME/
+      config.yaml            the resolved config
+      metrics.jsonl          one JSON object a line: every loss term, BN loss per layer, class
+                             histogram, pool size, held-out agreement
+      checkpoints/last.ckpt  everything a ``--resume`` needs (Lightning checkpoint + pool + RNG)
+      grids/step_*.png       synthetic samples, one row per teacher class
+      student.safetensors    + student.json card, and student.pt2 ([0, 1] images in, logits out)
+      generator.safetensors  + generator.json
+      transfer.safetensors   images in the teacher's input space + teacher logits; manifest.json
+      summary.json           what was selected and, if asked, real test accuracy (report only)
+
+Example:
+    >>> cfg = resolve_distill_config(overrides={"teacher": "assets/teachers/mnist_lenet5.safetensors", "steps": 50})
+    >>> summary = run_distill(cfg)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from datafree.config import DistillConfig, to_yaml
+from datafree.data import InputSpec, no_real_data
+from datafree.errors import UserError
+from datafree.io import check_writable_dir, save_tensors, sha256_file, write_json, write_text
+from datafree.models import Classifier, count_parameters, create_model
+from datafree.student import DistillModule, Rounds, agreement
+from datafree.teacher import Teacher, load_model, load_teacher, save_model
+from datafree.training import quiet_lightning
+from generators import create_generator
+
+CHECKPOINT = "checkpoints/last.ckpt"
+
+
+def build_student(name: str, teacher: Teacher) -> tuple[Classifier, str, dict]:
+    """A fresh zoo student for the teacher's classes and input, or an initial student from a safetensors file."""
+    spec = teacher.spec
+    if name.endswith(".safetensors"):
+        model, card = load_model(name)
+        student_spec = InputSpec.from_dict(card["input_spec"])
+        if student_spec.num_classes != spec.num_classes:
+            raise UserError(f"the student {name!r} has {student_spec.num_classes} classes but the teacher has {spec.num_classes}")
+        if (student_spec.channels, student_spec.size) != (spec.channels, spec.size):
+            raise UserError(f"the student {name!r} takes {student_spec.describe()} images but the teacher takes {spec.describe()}")
+        return model, card["arch"], card.get("arch_kwargs", {})
+    return create_model(name, spec.num_classes, spec.channels, spec.size), name, {}
+
+
+class RunControl(L.Callback):
+    """Stops cleanly at the end of a round on Ctrl-C / SIGTERM, and saves sample grids."""
+
+    def __init__(self, out: Path, cfg: DistillConfig, progress: bool = True):
+        self.out, self.cfg, self.stop_requested = out, cfg, False
+        self._previous = {}
+        self.show_progress, self.bar = progress, None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.show_progress and trainer.is_global_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.cfg.steps, initial=pl_module.rounds, desc="distill", unit="round", dynamic_ncols=True)
+        if trainer.is_global_zero or trainer.world_size == 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._request_stop)
+                except ValueError:  # not the main thread (e.g. inside a service worker thread)
+                    pass
+
+    def _request_stop(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping at the end of this round; the run can be continued with --resume", file=sys.stderr)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.rounds
+        if self.bar is not None:
+            done = pl_module.progress()
+            if pl_module.budget_seconds and done > 0:  # a time budget binds first: re-estimate the total
+                self.bar.total = max(step, round(step / done))
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(kd=f"{float(outputs['kd']) if outputs else 0:.3f}", pool=len(pl_module.pool), refresh=False)
+        if self.stop_requested or pl_module.progress() >= 1.0:
+            trainer.should_stop = True
+        if step % self.cfg.checkpoint_every == 0:
+            trainer.save_checkpoint(self.out / CHECKPOINT)
+        if trainer.is_global_zero and self.cfg.grid_every and (step % self.cfg.grid_every == 0 or step == 1):
+            save_grid(pl_module.last_batch, pl_module.last_logits, pl_module.teacher.spec, self.out / "grids" / f"step_{step:06d}.png")
+
+    def on_train_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_grid(images: torch.Tensor, logits: torch.Tensor, spec: InputSpec, path: Path, per_class: int = 8) -> None:
+    """One row per teacher class, up to ``per_class`` samples each, pixels denormalised to [0, 1]."""
+    from torchvision.utils import make_grid
+
+    from datafree.io import atomic_path
+
+    pred = logits.argmax(1)
+    blank = torch.zeros(spec.channels, spec.size, spec.size)
+    tiles = []
+    for c in range(spec.num_classes):
+        chosen = spec.denormalize(images[pred == c][:per_class]).clamp(0, 1)
+        tiles += list(chosen) + [blank] * (per_class - len(chosen))
+    grid = make_grid(torch.stack(tiles), nrow=per_class, padding=1, pad_value=0.5)
+    from torchvision.utils import save_image
+    with atomic_path(path) as tmp:
+        save_image(grid, str(tmp), format="png")
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` (rank 0 only; flushed on every line)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rank0 = True
+
+    def __call__(self, record: dict) -> None:
+        if self.rank0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines the killed run wrote after its last checkpoint."""
+        if self.path.is_file():
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+            write_text(self.path, "".join(l + "\n" for l in keep))
+
+
+def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, notify=None) -> dict:
+    """Run (or resume) a distillation job into ``cfg.out``; return the summary.
+
+    Raises :class:`UserError` for bad input before any file is written.
+    """
+    notify = notify or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(cfg.out)
+    ckpt = out / CHECKPOINT
+    if resume and not ckpt.is_file():
+        raise UserError(f"nothing to resume: no checkpoint at {str(ckpt)!r}")
+    if not cfg.teacher:
+        raise UserError("no teacher given: pass --teacher FILE")
+    quiet_lightning()
+    L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
+    teacher = load_teacher(cfg.teacher, input_spec=cfg.teacher_input_spec)
+    student, student_arch, student_kwargs = build_student(cfg.student, teacher)
+    gen_kwargs = dict(cfg.generator_kwargs)
+    if cfg.generator == "pixels":
+        gen_kwargs.setdefault("batch_size", cfg.batch_size)
+    generator = create_generator(cfg.generator, teacher.spec.channels, teacher.spec.size, teacher.num_classes, **gen_kwargs)
+    if not resume:
+        check_writable_dir(out, overwrite)
+    write_text(out / "config.yaml", to_yaml(cfg))
+    log = MetricsLog(out / "metrics.jsonl")
+    if resume:
+        log.truncate_after(int(torch.load(ckpt, map_location="cpu", weights_only=True)["datafree"]["rounds"]))
+    module = DistillModule(teacher, student, generator, cfg, log=log, notify=notify)
+    control = RunControl(out, cfg, progress)
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1,
+                        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                        callbacks=[control], logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=out,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    log.rank0 = trainer.is_global_zero
+    started = time.time()
+    with no_real_data("data-free distillation"):
+        trainer.fit(module, torch.utils.data.DataLoader(Rounds(), batch_size=None), ckpt_path=str(ckpt) if resume else None)
+    trainer.save_checkpoint(ckpt)
+    if control.stop_requested:
+        raise KeyboardInterrupt
+    if not trainer.is_global_zero:
+        return {}
+    return write_outputs(module, teacher, cfg, student_arch, student_kwargs, out, time.time() - started, notify)
+
+
+def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, student_arch, student_kwargs, out: Path,
+                  seconds: float, notify) -> dict:
+    from datafree.export import export_program
+
+    best_step, best_agreement = module.select_best()
+    student = module.student.eval()
+    teacher_hash = sha256_file(cfg.teacher)
+    card = save_model(student, out / "student.safetensors", student_arch, teacher.spec, student_kwargs,
+                      trained_by="datafree distill", preset=cfg.preset, teacher_sha256=teacher_hash,
+                      selected_step=best_step, holdout_agreement=round(best_agreement, 3))
+    export_program(student, teacher.spec, out / "student.pt2", card)
+    save_tensors(out / "generator.safetensors", module.generator.state_dict())
+    write_json(out / "generator.json", {"generator": cfg.generator, "kwargs": cfg.generator_kwargs,
+                                        "input_spec": teacher.spec.to_dict()})
+    images, logits = module.pool.contents()
+    save_tensors(out / "transfer.safetensors", {"images": images, "teacher_logits": logits, "labels": logits.argmax(1)})
+    write_json(out / "manifest.json", {
+        "schema": "datafree-transfer/1", "kind": "transfer set", "count": len(images),
+        "space": "the teacher's input space: pixels = images * std + mean", "input_spec": teacher.spec.to_dict(),
+        "class_names": teacher.spec.class_names, "class_counts": torch.bincount(logits.argmax(1), minlength=teacher.num_classes).tolist(),
+        "teacher_sha256": teacher_hash, "preset": cfg.preset, "seed": cfg.seed, "steps": module.rounds,
+        "tensors": {"images": "float32 N x C x H x W", "teacher_logits": "float32 N x classes", "labels": "int64 teacher argmax"}})
+    summary = {"steps": module.rounds, "seconds": round(seconds, 1), "selected_step": best_step,
+               "holdout_agreement": round(best_agreement, 3), "student": student_arch,
+               "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+               "preset": cfg.preset, "transfer_set_size": len(images)}
+    if cfg.eval_data:  # report only: nothing above looked at real data
+        from datafree.data import load_dataset
+        from datafree.training import accuracy
+
+        test = load_dataset(cfg.eval_data, train=False, data_dir=cfg.data_dir)
+        summary["student_test_accuracy"] = round(accuracy(student, test), 2)
+        summary["teacher_test_accuracy"] = round(accuracy(teacher, test), 2)
+        summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, _logits(teacher, test.images)), 2)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+@torch.no_grad()
+def _logits(model, images):
+    return torch.cat([model(x) for x in images.split(1024)])

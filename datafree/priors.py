@@ -1,0 +1,130 @@
+"""Synthesis losses ("priors"): each a named term over one synthetic batch, weighted by a preset.
+
+Every prior takes a :class:`SynthesisBatch` (the images, the teacher's logits, features and BN
+taps, the student's logits, the asked classes) and returns a scalar that the generator
+*minimises*. The registry maps names to functions; a preset is a dict of weights over these names.
+
+| name        | term (minimised by the generator)                                  | source                  |
+|-------------|--------------------------------------------------------------------|-------------------------|
+| bn          | sum over BN layers of ||mu - running_mean||_2 + ||var - running_var||_2 | DeepInversion, DFQ, CMI |
+| onehot      | CE(teacher logits, asked class or the teacher's own argmax)         | DAFL                    |
+| entropy     | -H(mean prediction over the batch): class balance                  | DAFL (information)      |
+| activation  | -mean |penultimate features|                                        | DAFL                    |
+| adv         | -disagreement(student, teacher) (L1 / KL / JS at temperature T)     | DFAD, ZSKT, DeepInv ADI |
+| tv          | total variation of the images                                       | DeepInversion           |
+| l2          | mean squared image (input space)                                    | DeepInversion           |
+
+Example:
+    >>> batch = SynthesisBatch(images=x, t_logits=teacher(x), taps=teacher.bn_taps())   # doctest: +SKIP
+    >>> PRIORS["onehot"](batch)                                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from datafree.teacher import BNTap
+
+
+@dataclass
+class SynthesisBatch:
+    images: torch.Tensor
+    t_logits: torch.Tensor
+    features: torch.Tensor | None = None
+    taps: list[BNTap] = field(default_factory=list)
+    s_logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+def bn_layer_losses(taps: list[BNTap]) -> list[torch.Tensor]:
+    """Per BN layer: ||batch mean - running mean||_2 + ||batch var - running var||_2 (as published)."""
+    return [torch.linalg.vector_norm(t.mean - t.running_mean) + torch.linalg.vector_norm(t.var - t.running_var) for t in taps]
+
+
+class BNStatistics:
+    """The BN prior with its options: extra weight on the first layer, momentum blend across batches.
+
+    With ``momentum`` m > 0 the batch statistics are blended with those of earlier batches,
+    ``m * previous.detach() + (1 - m) * current`` (as in Fast / CMI), which matches the running
+    statistics over many small batches instead of forcing each batch to match alone.
+
+    Example:
+        >>> prior = BNStatistics(first_layer_weight=2.0)
+        >>> total, per_layer = prior(taps)   # doctest: +SKIP
+    """
+
+    def __init__(self, first_layer_weight: float = 1.0, momentum: float = 0.0):
+        self.first_layer_weight, self.momentum = first_layer_weight, momentum
+        self.previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, taps: list[BNTap]) -> tuple[torch.Tensor, list[float]]:
+        if not taps:
+            return torch.zeros(()), []
+        if self.momentum > 0:
+            taps = [self._blend(t) for t in taps]
+        losses = bn_layer_losses(taps)
+        weights = [self.first_layer_weight] + [1.0] * (len(losses) - 1)
+        total = sum(w * l for w, l in zip(weights, losses))
+        return total, [l.item() for l in losses]
+
+    def _blend(self, tap: BNTap) -> BNTap:
+        m = self.momentum
+        if tap.name in self.previous:
+            pm, pv = self.previous[tap.name]
+            mean, var = m * pm + (1 - m) * tap.mean, m * pv + (1 - m) * tap.var
+        else:
+            mean, var = tap.mean, tap.var
+        self.previous[tap.name] = (mean.detach(), var.detach())
+        return BNTap(tap.name, mean, var, tap.running_mean, tap.running_var)
+
+
+def onehot(batch: SynthesisBatch) -> torch.Tensor:
+    target = batch.targets if batch.targets is not None else batch.t_logits.argmax(1)
+    return F.cross_entropy(batch.t_logits, target)
+
+
+def entropy(batch: SynthesisBatch) -> torch.Tensor:
+    mean_p = F.softmax(batch.t_logits, dim=1).mean(0)
+    return (mean_p * torch.log(mean_p + 1e-8)).sum()  # = -H(mean prediction); minimal when balanced
+
+
+def activation(batch: SynthesisBatch) -> torch.Tensor:
+    if batch.features is None:
+        return torch.zeros((), device=batch.images.device)
+    return -batch.features.abs().mean()
+
+
+def disagreement(s_logits: torch.Tensor, t_logits: torch.Tensor, kind: str = "l1", temperature: float = 1.0) -> torch.Tensor:
+    """How much the student disagrees with the teacher: ``l1`` on logits, ``kl`` or ``js`` at T."""
+    if kind == "l1":
+        return (s_logits - t_logits).abs().mean()
+    p_t = F.softmax(t_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
+    if kind == "kl":
+        return F.kl_div(log_p_s, p_t, reduction="batchmean")
+    if kind == "js":
+        p_s = log_p_s.exp()
+        m = 0.5 * (p_s + p_t)
+        return 0.5 * (F.kl_div(m.log(), p_s, reduction="batchmean") + F.kl_div(m.log(), p_t, reduction="batchmean"))
+    raise ValueError(f"unknown disagreement {kind!r}; use l1, kl or js")
+
+
+def total_variation(images: torch.Tensor, p: int = 2) -> torch.Tensor:
+    dx = images[..., :, 1:] - images[..., :, :-1]
+    dy = images[..., 1:, :] - images[..., :-1, :]
+    if p == 1:
+        return dx.abs().mean() + dy.abs().mean()
+    return dx.pow(2).mean() + dy.pow(2).mean()
+
+
+PRIORS = {
+    "onehot": onehot,
+    "entropy": entropy,
+    "activation": activation,
+    "tv": lambda batch: total_variation(batch.images),
+    "l2": lambda batch: batch.images.pow(2).mean(),
+}
+"""The stateless priors by name; ``bn`` (stateful, per layer) and ``adv`` (needs the student and
+its options) are applied by the synthesizer with :class:`BNStatistics` and :func:`disagreement`."""

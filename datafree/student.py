@@ -1,0 +1,257 @@
+"""Knowledge distillation of a student on synthetic data only, run by Lightning.
+
+Each training step is one *round*: the synthesizer updates the generator and puts its batch in
+the sample pool (every Nth batch goes to a held-out set instead); then the student takes
+``student_steps`` KD steps on (augmented) pool samples, re-labelled by the frozen teacher.
+
+Model selection never looks at real data: snapshots of the student are scored at the end by
+their agreement with the teacher on the held-out synthetic set, and the best one is kept.
+
+Example:
+    >>> module = DistillModule(teacher, create_model("lenet5_half"), generator, cfg)   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from datafree.config import DistillConfig, parse_duration
+from datafree.synthesis import SamplePool, Synthesizer
+from datafree.teacher import Teacher
+
+
+def kd_loss(s_logits, t_logits, temperature: float = 4.0, alpha: float = 0.0, kind: str = "kl") -> torch.Tensor:
+    """KL(teacher || student) at temperature T scaled by T^2, mixed (alpha) with CE on the teacher's argmax.
+
+    ``kind='l1'`` is DFAD's mean absolute logit difference instead of the KL term.
+
+    Example:
+        >>> kd_loss(torch.zeros(2, 3), torch.zeros(2, 3)).item()
+        0.0
+    """
+    if kind == "l1":
+        soft = (s_logits - t_logits).abs().mean()
+    else:
+        soft = F.kl_div(F.log_softmax(s_logits / temperature, 1), F.softmax(t_logits / temperature, 1),
+                        reduction="batchmean") * temperature ** 2
+    if alpha <= 0:
+        return soft
+    return (1 - alpha) * soft + alpha * F.cross_entropy(s_logits, t_logits.argmax(1))
+
+
+def student_augment():
+    """Random affine jitter for pool samples (border padding keeps the background value)."""
+    import kornia.augmentation as K
+
+    return K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), padding_mode="border", p=1.0)
+
+
+def class_histogram(logits: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(logits.argmax(1), minlength=num_classes).tolist()
+
+
+@torch.no_grad()
+def agreement(student: nn.Module, images: torch.Tensor, t_logits: torch.Tensor) -> float:
+    """Percent of images on which the student's argmax equals the teacher's."""
+    was = student.training
+    student.eval()
+    pred = torch.cat([student(x) for x in images.split(1024)]).argmax(1)
+    student.train(was)
+    return (pred == t_logits.argmax(1)).float().mean().item() * 100
+
+
+class DistillModule(L.LightningModule):
+    """The generator, the student and the pool; the teacher rides along frozen."""
+
+    def __init__(self, teacher: Teacher, student: nn.Module, generator: nn.Module, cfg: DistillConfig, log=None, notify=print):
+        super().__init__()
+        self.automatic_optimization = False
+        self.teacher, self.student, self.cfg = teacher, student, cfg
+        self.synth = Synthesizer(teacher, generator, cfg, notify)
+        self.generator = generator
+        self.pool = SamplePool(cfg.pool_size)
+        self.holdout = SamplePool(cfg.holdout_size)
+        self.snapshots: list[tuple[int, dict]] = []
+        self.augment = student_augment() if cfg.augment else None
+        self.rng = torch.Generator()
+        self.rng.manual_seed(cfg.seed)
+        self.log_fn = log or (lambda record: None)
+        self.last_batch: torch.Tensor | None = None
+        self.last_logits: torch.Tensor | None = None
+        self.rounds = 0  # Lightning's global_step counts optimizer steps (several per round)
+        self.elapsed = 0.0  # seconds spent in rounds, carried across resumes
+        self.budget_seconds = parse_duration(cfg.time_budget)
+
+    # --- optimisers ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
+        if cfg.student_optimizer == "adam":
+            opt_s = torch.optim.Adam(self.student.parameters(), lr=cfg.lr_student)
+        else:
+            opt_s = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_student, momentum=0.9, weight_decay=1e-4, nesterov=True)
+        return [opt_g, opt_s]
+
+    def progress(self) -> float:
+        """Fraction of the run done: by rounds, or by the time budget when that comes first."""
+        done = self.rounds / self.cfg.steps
+        if self.budget_seconds:
+            done = max(done, self.elapsed / self.budget_seconds)
+        return min(1.0, done)
+
+    def _set_student_lr(self, opt_s) -> float:
+        """Cosine decay of the student's learning rate over the run's progress (steps or time)."""
+        lr = self.cfg.lr_student * 0.5 * (1 + math.cos(math.pi * self.progress()))
+        for group in opt_s.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def setup(self, stage):
+        # each process synthesises its own samples; a resume overwrites this in on_load_checkpoint
+        self.rng.manual_seed(self.cfg.seed + 1000 * self.global_rank)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.progress() >= 1.0:  # e.g. resuming a run that had already finished
+            self.trainer.should_stop = True
+            return -1
+
+    # --- one round -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        cfg, step = self.cfg, self.rounds
+        started = time.monotonic()
+        # everything random in a round (kornia's augmentation too) follows from self.rng, which the
+        # checkpoint carries: a resumed run repeats the uninterrupted one exactly
+        torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.rng)))
+        opt_g, opt_s = self.optimizers()
+        lr = self._set_student_lr(opt_s)
+        if self.synth.is_pixels and cfg.reset_every and step % cfg.reset_every == 0:
+            self.generator.reset(self.rng)
+            opt_g.optimizer.state.clear()
+        stats = {}
+        for _ in range(cfg.synth_steps):
+            images, targets = self.synth.sample(cfg.batch_size, self.rng)
+            loss, stats = self.synth.losses(images, targets, self.student)
+            opt_g.zero_grad()
+            self.manual_backward(loss)
+            self._sync_grads(self.generator)
+            opt_g.step()
+        t_logits = stats.pop("_t_logits").detach()
+        images = images.detach()
+        held_out = cfg.holdout_every and step % cfg.holdout_every == cfg.holdout_every - 1
+        (self.holdout if held_out else self.pool).add(images, t_logits)
+        self.last_batch, self.last_logits = images, t_logits
+
+        s_loss = torch.zeros(())
+        if len(self.pool):
+            for _ in range(cfg.student_steps):
+                s_loss = self._student_step(opt_s)
+
+        self.elapsed += time.monotonic() - started
+        if step % 10 == 0 or step == cfg.steps - 1:
+            self._log_round(step, stats | {"lr_student": lr}, s_loss, t_logits)
+        if (step + 1) % cfg.eval_every == 0:
+            self._evaluate(step)
+        self.rounds += 1
+        return {"kd": s_loss}
+
+    def _student_step(self, opt_s) -> torch.Tensor:
+        cfg = self.cfg
+        x, _ = self.pool.sample(cfg.student_batch, self.rng)
+        if self.augment is not None:
+            x = self.augment(x)
+        if cfg.mixup and torch.rand((), generator=self.rng) < cfg.mixup:
+            lam = torch.distributions.Beta(1.0, 1.0).sample((len(x), 1, 1, 1))
+            x = lam * x + (1 - lam) * x[torch.randperm(len(x), generator=self.rng)]
+        with torch.no_grad():
+            t = self.teacher(x)
+        loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
+        opt_s.zero_grad()
+        self.manual_backward(loss)
+        self._sync_grads(self.student)
+        opt_s.step()
+        return loss.detach()
+
+    def _sync_grads(self, module: nn.Module) -> None:
+        """Average gradients across processes (DDP); a no-op on one process."""
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            for p in module.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() != "gloo" else dist.ReduceOp.SUM)
+                    if dist.get_backend() == "gloo":
+                        p.grad /= self.trainer.world_size
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    def _log_round(self, step, stats, s_loss, t_logits):
+        record = {"step": step + 1, "kind": "round", "loss_student": round(float(s_loss), 5),
+                  "pool_size": len(self.pool), "holdout_size": len(self.holdout),
+                  "class_histogram": class_histogram(t_logits, self.teacher.num_classes),
+                  "teacher_confidence": round(F.softmax(t_logits, 1).max(1).values.mean().item(), 4),
+                  "elapsed_s": round(self.elapsed, 2)}
+        for k, v in stats.items():
+            record[k] = [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)
+        self.log_fn(record)
+
+    def _evaluate(self, step):
+        if len(self.holdout):
+            score = agreement(self.student, *self.holdout.contents())
+            self.log_fn({"step": step + 1, "kind": "eval", "holdout_agreement": round(score, 3)})
+        self.snapshots.append((step + 1, copy.deepcopy(self.student.state_dict())))
+        self.snapshots = self.snapshots[-8:]
+
+    def select_best(self) -> tuple[int, float]:
+        """Load the snapshot (or the final student) that agrees most with the teacher on held-out synthetic data."""
+        candidates = self.snapshots + [(self.rounds, copy.deepcopy(self.student.state_dict()))]
+        if not len(self.holdout):
+            return self.rounds, float("nan")
+        images, logits = self.holdout.contents()
+        scored = []
+        for step, state in candidates:
+            self.student.load_state_dict(state)
+            scored.append((agreement(self.student, images, logits), step, state))
+        best = max(scored, key=lambda s: (s[0], s[1]))
+        self.student.load_state_dict(best[2])
+        return best[1], best[0]
+
+    def on_train_end(self):
+        """With several processes: check that every rank holds the same student (logged, and asserted)."""
+        if self.trainer.world_size > 1:
+            checksum = torch.stack([p.detach().double().sum() for p in self.student.parameters()]).sum().reshape(1)
+            gathered = self.all_gather(checksum).flatten().tolist()
+            self.log_fn({"step": self.rounds, "kind": "ddp_sync", "world_size": self.trainer.world_size,
+                         "student_checksums": gathered})
+            if max(gathered) - min(gathered) > 1e-6 * max(1.0, abs(gathered[0])):
+                raise RuntimeError(f"the ranks' students drifted apart: {gathered}")
+
+    # --- checkpoints carry everything a resume needs ---------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["datafree"] = {
+            "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
+            "rng": self.rng.get_state(),
+            "snapshots": self.snapshots, "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed,
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint["datafree"]
+        self.pool.load_state_dict(state["pool"])
+        self.holdout.load_state_dict(state["holdout"])
+        self.rng.set_state(state["rng"])
+        self.snapshots = [(int(s), d) for s, d in state["snapshots"]]
+        self.synth.bn_prior.previous = state["bn_previous"]
+        self.rounds, self.elapsed = int(state["rounds"]), float(state["elapsed"])
+
+
+class Rounds(torch.utils.data.IterableDataset):
+    """An endless stream of round numbers: the real input of each round is made by the generator."""
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield torch.tensor(i)
+            i += 1

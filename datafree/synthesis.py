@@ -1,0 +1,121 @@
+"""The synthesizer (a generator trained against the frozen teacher) and the sample pool.
+
+One ``Synthesizer.step`` draws a batch from the generator, scores it with the weighted priors of
+the preset, updates the generator, and returns the batch (in the teacher's input space) with the
+teacher's logits for the pool. Generator training (DAFL, DFAD, ZSKT, DFQ, fast) and pixel
+optimisation (DeepInversion) run through this same step; they differ only in weights.
+
+Example:
+    >>> synth = Synthesizer(teacher, create_generator("conditional", 1, 28, 10), cfg)   # doctest: +SKIP
+    >>> images, t_logits, stats = synth.step(student)                                     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from datafree.config import DistillConfig
+from datafree.priors import PRIORS, BNStatistics, SynthesisBatch, disagreement
+from datafree.teacher import Teacher
+
+
+class Synthesizer(nn.Module):
+    """Generator + priors. ``weights`` name the active terms; BN terms switch off without BN layers."""
+
+    def __init__(self, teacher: Teacher, generator: nn.Module, cfg: DistillConfig, notify=print):
+        super().__init__()
+        self.teacher, self.generator, self.cfg = teacher, generator, cfg
+        self.weights = {k: float(v) for k, v in cfg.weights.items() if v}
+        if "bn" in self.weights and not teacher.has_bn:
+            teacher.require_bn(f"the {cfg.preset!r} preset")
+            notify(f"note: {teacher.no_bn_reason}; the {cfg.preset!r} preset goes on with "
+                   f"{', '.join(k for k in self.weights if k != 'bn') or 'no other priors'}")
+            self.weights.pop("bn")
+        if "activation" in self.weights and not teacher.has_features:
+            notify("note: the teacher's features are unreachable (TorchScript); the activation prior is off")
+            self.weights.pop("activation")
+        self.bn_prior = BNStatistics(cfg.bn_first_layer, cfg.bn_momentum)
+        self.is_pixels = hasattr(generator, "reset")
+
+    def sample(self, n: int, rng: torch.Generator, classes: torch.Tensor | None = None):
+        """Draw ``n`` images (input space) and the classes asked for (None if unconditional)."""
+        if self.is_pixels:
+            pixels, targets = self.generator(), self.generator.targets
+        else:
+            z = torch.randn(n, self.generator.latent_dim, generator=rng)
+            targets = None
+            if getattr(self.generator, "conditional", False):
+                targets = classes if classes is not None else balanced_classes(n, self.teacher.num_classes, rng)
+            pixels = self.generator(z, targets)
+        return self.teacher.spec.normalize(pixels), targets
+
+    def losses(self, images, targets, student: nn.Module | None) -> tuple[torch.Tensor, dict]:
+        """The weighted sum of the active priors on one batch, and each term's value."""
+        features, t_logits = self.teacher.forward_with_features(images)
+        batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets)
+        terms, stats = {}, {}
+        if "bn" in self.weights:
+            terms["bn"], stats["bn_per_layer"] = self.bn_prior(batch.taps)
+        if "adv" in self.weights and student is not None:
+            s_logits = student(images)
+            terms["adv"] = -disagreement(s_logits, t_logits, self.cfg.adv_kind, self.cfg.adv_temperature)
+        for name in self.weights:
+            if name in PRIORS:
+                terms[name] = PRIORS[name](batch)
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        stats.update({f"loss_{k}": v.item() for k, v in terms.items()})
+        stats["loss_synthesis"] = float(total.detach()) if torch.is_tensor(total) else float(total)
+        return total, stats | {"_t_logits": t_logits}
+
+
+def balanced_classes(n: int, num_classes: int, rng: torch.Generator) -> torch.Tensor:
+    """``n`` labels, each class equally often (up to one), in random order."""
+    return (torch.arange(n) % num_classes)[torch.randperm(n, generator=rng)]
+
+
+class SamplePool:
+    """A bounded ring buffer of synthetic images with their teacher logits, sampled with replacement.
+
+    Example:
+        >>> pool = SamplePool(capacity=1000)
+        >>> pool.add(torch.randn(256, 1, 28, 28), torch.randn(256, 10))
+        >>> x, t = pool.sample(64, torch.Generator().manual_seed(0))
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.images: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.size, self.cursor = 0, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor) -> None:
+        images, logits = images.detach()[-self.capacity:], logits.detach()[-self.capacity:]
+        if self.images is None:
+            self.images = images.new_empty((self.capacity, *images.shape[1:]))
+            self.logits = logits.new_empty((self.capacity, logits.shape[1]))
+        n = len(images)
+        idx = (torch.arange(n) + self.cursor) % self.capacity
+        self.images[idx], self.logits[idx] = images, logits
+        self.cursor = (self.cursor + n) % self.capacity
+        self.size = min(self.capacity, self.size + n)
+
+    def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, self.size, (n,), generator=rng)
+        return self.images[idx], self.logits[idx]
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[: self.size], self.logits[: self.size]
+
+    def state_dict(self) -> dict:
+        images, logits = (self.contents() if self.size else (torch.empty(0), torch.empty(0)))
+        return {"images": images.clone(), "logits": logits.clone(), "cursor": self.cursor, "capacity": self.capacity}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images = self.logits = None
+        self.size, self.cursor = 0, 0
+        if len(state["images"]):
+            self.add(state["images"], state["logits"])
+        self.cursor = int(state["cursor"])

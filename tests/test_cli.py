@@ -1,0 +1,91 @@
+"""The command line as a user meets it: help, inspect, export, and one-sentence errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TEACHERS
+from datafree.cli import main
+
+SHIPPED = sorted(TEACHERS.glob("*.safetensors"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "datafree.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("teacher", "distill"):
+        assert command in out.stdout
+
+
+def test_three_shipped_teachers_with_cards():
+    assert {p.stem for p in SHIPPED} >= {"mnist_lenet5", "mnist_lenet5_nobn", "fmnist_convnet"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_inspect_each_shipped_teacher(path, capsys):
+    assert main(["teacher", "inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert info["arch"] == card["arch"] and info["num_classes"] == 10
+    assert info["test_accuracy"] == card["test_accuracy"]
+    assert (len(info["bn_layers"]) == 0) == ("nobn" in path.stem)
+
+
+def test_export_then_inspect_pt2(tmp_path, capsys):
+    teacher = TEACHERS / "mnist_lenet5.safetensors"
+    assert main(["teacher", "export", str(teacher), "--to", str(tmp_path / "m.pt2")]) == 0
+    assert main(["teacher", "inspect", str(tmp_path / "m.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "pt2" in out and "BN layers     4" in out and "1x28x28" in out
+    # refuses to overwrite what the user has
+    assert main(["teacher", "export", str(teacher), "--to", str(tmp_path / "m.pt2")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_exported_program_needs_no_datafree_import(tmp_path):
+    assert main(["teacher", "export", str(TEACHERS / "mnist_lenet5.safetensors"), "--to", str(tmp_path / "m.pt2")]) == 0
+    code = ("import sys, torch; sys.modules['datafree'] = None; "
+            f"m = torch.export.load({str(tmp_path / 'm.pt2')!r}).module(); "
+            "print(m(torch.rand(3, 1, 28, 28)).shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "torch.Size([3, 10])" in out.stdout
+
+
+def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
+    from datafree.data import load_dataset
+
+    path = TEACHERS / "mnist_lenet5.safetensors"
+    assert main(["teacher", "export", str(path), "--to", str(tmp_path / "m.pt2")]) == 0
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    test = load_dataset("mnist", train=False)
+    with torch.no_grad():
+        pred = torch.cat([program(test.spec.denormalize(x)) for x in test.images.split(2000)]).argmax(1)
+    acc = (pred == test.labels).float().mean().item() * 100
+    assert abs(acc - json.loads(path.with_suffix(".json").read_text())["test_accuracy"]) < 0.02
+
+
+@pytest.mark.parametrize("args,message", [
+    (["teacher", "inspect", "missing.safetensors"], "no teacher file"),
+    (["teacher", "inspect", "pyproject.toml"], "not a model file"),
+    (["teacher", "inspect", str(TEACHERS / "mnist_lenet5.safetensors"), "--arch", "nonet"], "unknown architecture"),
+    (["teacher", "inspect", str(TEACHERS / "mnist_lenet5.safetensors"), "--dataset", "svhn9"], "unknown data set"),
+    (["teacher", "train", "--dataset", "nope", "--out", "x"], "unknown data set"),
+    (["teacher", "train", "--arch", "nonet", "--out", "x", "--epochs", "0"], "unknown architecture"),
+])
+def test_user_errors_are_one_sentence_and_exit_2(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_pickle_teacher_refused_from_the_command_line(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "t.pt")
+    out = run_cli("teacher", "inspect", tmp_path / "t.pt")
+    assert out.returncode == 2 and "never unpickles" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,304 @@
+"""The data-free engine on tiny settings: presets, fallbacks, resume, real-data guard, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TEACHERS
+from datafree.config import PRESETS, resolve_distill_config
+from datafree.data import dataset_spec
+from datafree.distill import RunControl, run_distill
+from datafree.errors import UserError
+from datafree.export import export_program
+from datafree.models import create_model
+from datafree.synthesis import SamplePool, Synthesizer
+from datafree.teacher import load_teacher, save_model
+from generators import GENERATORS, create_generator
+
+BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
+NOBN_TEACHER = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
+TINY = {"steps": 6, "batch_size": 32, "student_batch": 32, "student_steps": 2, "pool_size": 512, "eval_every": 3,
+        "checkpoint_every": 3, "grid_every": 3, "holdout_every": 3, "generator_kwargs": {"latent_dim": 16, "width": 8}}
+
+
+def tiny_config(tmp_path, preset="fast", **overrides):
+    values = {"teacher": BN_TEACHER, "out": str(tmp_path / "run"), **TINY, **overrides}
+    if preset == "deepinversion":
+        values.pop("generator_kwargs")
+    return resolve_distill_config(preset=preset, overrides=values)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generators_make_images_in_0_1(name):
+    g = create_generator(name, channels=3, size=32, num_classes=5, **({"batch_size": 4} if name == "pixels" else {"latent_dim": 8, "width": 4}))
+    z = torch.randn(4, getattr(g, "latent_dim", 0) or 1)
+    x = g(z, torch.tensor([0, 1, 2, 3]))
+    assert x.shape == (4, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_lowers_its_synthesis_loss(preset, tmp_path):
+    """With the student held fixed, a few generator steps lower the preset's weighted prior loss."""
+    cfg = tiny_config(tmp_path, preset, batch_size=64)
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg.teacher)
+    kwargs = {"batch_size": 64} if cfg.generator == "pixels" else cfg.generator_kwargs
+    generator = create_generator(cfg.generator, 1, 28, 10, **kwargs)
+    synth = Synthesizer(teacher, generator, cfg)
+    student = create_model("lenet5_half").eval()
+    opt = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator if cfg.generator == "pixels" else 1e-2)
+    rng = torch.Generator().manual_seed(0)
+    z = torch.randn(64, getattr(generator, "latent_dim", 0) or 1, generator=rng)
+    classes = torch.arange(64) % 10
+
+    def loss_on_fixed_batch():
+        if synth.is_pixels:
+            images, targets = teacher.spec.normalize(generator()), generator.targets
+        else:
+            targets = classes if generator.conditional else None
+            images = teacher.spec.normalize(generator(z, targets))
+        synth.bn_prior.previous = {}
+        return synth.losses(images, targets, student)[0]
+
+    generator.train()
+    before = loss_on_fixed_batch().item()
+    for _ in range(15):
+        loss = loss_on_fixed_batch()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss_on_fixed_batch().item() < before
+
+
+def test_student_steps_lower_the_kd_loss_on_a_fixed_pool(tmp_path):
+    from datafree.student import kd_loss
+
+    teacher = load_teacher(BN_TEACHER)
+    student = create_model("lenet5_half")
+    x = torch.randn(256, 1, 28, 28)
+    with torch.no_grad():
+        t = teacher(x)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    first = kd_loss(student(x), t).item()
+    for _ in range(30):
+        loss = kd_loss(student(x), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_pool_is_bounded_and_round_trips():
+    pool = SamplePool(capacity=100)
+    for i in range(5):
+        pool.add(torch.full((40, 1, 2, 2), float(i)), torch.full((40, 3), float(i)))
+    assert len(pool) == 100
+    images, _ = pool.contents()
+    assert set(images.flatten().tolist()) == {2.0, 3.0, 4.0}  # the oldest batches were dropped
+    copy = SamplePool(100)
+    copy.load_state_dict(pool.state_dict())
+    assert torch.equal(copy.contents()[0], images) and copy.cursor == pool.cursor
+
+
+def test_a_run_writes_the_run_folder(tmp_path):
+    cfg = tiny_config(tmp_path)
+    summary = run_distill(cfg, progress=False)
+    out = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "student.safetensors", "student.json", "student.pt2", "generator.safetensors",
+                 "transfer.safetensors", "manifest.json", "summary.json", "checkpoints/last.ckpt"):
+        assert (out / name).is_file(), name
+    assert list((out / "grids").glob("step_*.png"))
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["kind"] == "round"]
+    assert {"loss_bn", "loss_onehot", "loss_adv", "bn_per_layer", "class_histogram", "pool_size"} <= set(rounds[0])
+    assert len(rounds[0]["bn_per_layer"]) == 4 and sum(rounds[0]["class_histogram"]) == 32
+    assert any(r["kind"] == "eval" and "holdout_agreement" in r for r in records)
+    transfer = load_file(out / "transfer.safetensors")
+    assert transfer["images"].shape[1:] == (1, 28, 28) and transfer["teacher_logits"].shape[1] == 10
+    assert summary["steps"] == 6 and 0 <= summary["holdout_agreement"] <= 100
+    # the student program is self-contained: [0, 1] images in, logits out
+    program = torch.export.load(str(out / "student.pt2")).module()
+    assert program(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_same_seed_same_student(tmp_path):
+    a = run_distill(tiny_config(tmp_path / "a", steps=3), progress=False)
+    b = run_distill(tiny_config(tmp_path / "b", steps=3), progress=False)
+    wa, wb = load_file(tmp_path / "a/run/student.safetensors"), load_file(tmp_path / "b/run/student.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["holdout_agreement"] == b["holdout_agreement"]
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path / "straight")
+    run_distill(straight, progress=False)
+
+    original = RunControl.on_train_batch_end
+
+    def interrupt_after_round_3(self, trainer, pl_module, *args):
+        original(self, trainer, pl_module, *args)
+        if pl_module.rounds == 3:
+            self.stop_requested = True
+            trainer.should_stop = True
+
+    interrupted = tiny_config(tmp_path / "resumed")
+    monkeypatch.setattr(RunControl, "on_train_batch_end", interrupt_after_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(interrupted, progress=False)
+    assert not (tmp_path / "resumed/run/student.safetensors").exists()
+    monkeypatch.setattr(RunControl, "on_train_batch_end", original)
+    run_distill(interrupted, resume=True, progress=False)
+
+    a = load_file(tmp_path / "straight/run/student.safetensors")
+    b = load_file(tmp_path / "resumed/run/student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ga, gb = load_file(tmp_path / "straight/run/generator.safetensors"), load_file(tmp_path / "resumed/run/generator.safetensors")
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed/run/metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "round"]
+    assert steps == sorted(set(steps))  # no duplicated rounds in the log after the resume
+
+
+def test_no_bn_teacher_falls_back_with_a_message(tmp_path):
+    messages = []
+    cfg = tiny_config(tmp_path, teacher=NOBN_TEACHER, steps=2)
+    summary = run_distill(cfg, progress=False, notify=messages.append)
+    assert any("no BatchNorm" in m and "onehot" in m for m in messages)
+    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert "loss_bn" not in first and "loss_onehot" in first
+    assert summary["steps"] == 2
+
+
+def test_torchscript_teacher_is_refused_by_bn_presets(tmp_path):
+    model = create_model("lenet5").eval()
+    export_program(model, dataset_spec("mnist"), tmp_path / "t.ts", {"arch": "lenet5"})
+    with pytest.raises(UserError, match="TorchScript"):
+        run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "t.ts")), progress=False)
+    # a preset without BN terms works from logits alone
+    summary = run_distill(tiny_config(tmp_path, "dfad", teacher=str(tmp_path / "t.ts"), steps=2, out=str(tmp_path / "ok")),
+                          progress=False)
+    assert summary["steps"] == 2
+
+
+def test_distill_never_reads_real_data(tmp_path, monkeypatch):
+    """Inside the training loop every real-data load raises; the run itself needs none."""
+    import torchvision
+
+    from datafree import data
+    from datafree.student import DistillModule
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets.MNIST, "__init__", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("read")))
+    seen = []
+    original = DistillModule.training_step
+
+    def probing_step(self, batch, batch_idx):
+        try:
+            data.load_dataset("mnist", train=True)
+        except RuntimeError as e:
+            seen.append(str(e))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillModule, "training_step", probing_step)
+    run_distill(tiny_config(tmp_path, steps=2), progress=False)
+    assert calls == [] and len(seen) == 2 and all("data-free distillation" in s for s in seen)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"preset": "dreamy"}, "unknown preset"),
+    ({"student": "lenet9"}, "unknown architecture"),
+    ({"time_budget": "ten minutes"}, "cannot read the time budget"),
+    ({"teacher": "missing.safetensors"}, "no teacher file"),
+    ({"weights": {"bnn": 1.0}}, "unknown loss weight"),
+    ({"generator": "vae"}, "unknown generator"),
+])
+def test_bad_input(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        cfg = tiny_config(tmp_path, **overrides)
+        run_distill(cfg, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing written for a mistake
+
+
+def test_student_with_other_class_count_is_refused(tmp_path):
+    spec = dataset_spec("mnist")
+    spec.class_names = spec.class_names[:5]
+    save_model(create_model("lenet5_half", num_classes=5), tmp_path / "s5.safetensors", "lenet5_half", spec)
+    with pytest.raises(UserError, match="5 classes but the teacher has 10"):
+        run_distill(tiny_config(tmp_path, student=str(tmp_path / "s5.safetensors")), progress=False)
+
+
+def test_unknown_input_spec_teacher_is_refused(tmp_path):
+    import warnings
+
+    from datafree.export import PixelModel
+    model = PixelModel(create_model("lenet5").eval(), dataset_spec("mnist")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model, torch.rand(2, 1, 28, 28)), str(tmp_path / "bare.ts"))
+    with pytest.raises(UserError, match="input spec.*unknown"):
+        run_distill(tiny_config(tmp_path, "dfad", teacher=str(tmp_path / "bare.ts")), progress=False)
+    summary = run_distill(tiny_config(tmp_path, "dfad", teacher=str(tmp_path / "bare.ts"), teacher_input_spec="1x28x28", steps=2),
+                          progress=False)
+    assert summary["steps"] == 2
+
+
+def test_output_folder_is_never_overwritten(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        run_distill(tiny_config(tmp_path), progress=False)
+    assert (tmp_path / "run" / "mine.txt").read_text() == "precious"
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "datafree.cli", "distill", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_then_resume_from_the_command_line(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--out", out, "--steps", 400, "--batch-size", 32, "--student-steps", 1, "--checkpoint-every", 2,
+            "--eval-every", 2, "--no-eval", "--no-progress"]
+    proc = _cli(*args)
+    deadline = time.time() + 120
+    while not (out / "checkpoints/last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints/last.ckpt").exists() and not (out / "summary.json").exists()
+    done = _cli("--out", out, "--resume", "--steps", 12, "--no-progress")
+    stdout, stderr = done.communicate(timeout=300)
+    assert done.returncode == 0, stderr
+    assert json.loads(stdout)["steps"] == 12
+
+
+def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path):
+    out = tmp_path / "interrupted"
+    proc = _cli("--out", out, "--steps", 400, "--batch-size", 32, "--student-steps", 1, "--checkpoint-every", 50,
+                "--no-eval", "--no-progress")
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
+    state = torch.load(out / "checkpoints/last.ckpt", weights_only=True)["datafree"]
+    assert state["rounds"] >= 1
+
+
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _cli("--out", out, "--steps", 3, "--batch-size", 32, "--student-steps", 2, "--accelerator", "cpu",
+                "--devices", 2, "--strategy", "ddp", "--no-eval", "--no-progress", "--eval-every", 3)
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    sync = [r for r in records if r["kind"] == "ddp_sync"]
+    assert sync and sync[0]["world_size"] == 2 and len(set(sync[0]["student_checksums"])) == 1
