@@ -30,7 +30,7 @@ def cmd_teacher_train(args) -> int:
     from datafree.data import load_dataset
     from datafree.models import count_parameters, create_model
     from datafree.teacher import save_model
-    from datafree.training import accuracy, default_augment, fit_supervised
+    from datafree.training import accuracy, fit_supervised, make_augment
 
     out = Path(args.out).with_suffix(".safetensors")
     if out.exists() and not args.overwrite:
@@ -42,12 +42,12 @@ def cmd_teacher_train(args) -> int:
     model = create_model(args.arch, spec.num_classes, spec.channels, spec.size, **kwargs)
     print(f"training {args.arch} ({count_parameters(model):,} parameters) on {train.name} ({len(train):,} images), "
           f"{args.epochs} epochs, seed {args.seed}", file=sys.stderr)
-    augment = default_augment(spec.size, colour=spec.channels == 3) if args.augment else None
+    augment = make_augment(args.augment)
     fit_supervised(model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=augment)
     acc = accuracy(model, test)
     card = save_model(model, out, args.arch, spec, kwargs, dataset=train.name, test_accuracy=round(acc, 2),
                       training={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                                "augment": bool(args.augment), "optimizer": "SGD nesterov 0.9, one-cycle, wd 5e-4"})
+                                "augment": args.augment, "optimizer": "SGD nesterov 0.9, one-cycle, wd 5e-4"})
     print(json.dumps({"teacher": str(out), "test_accuracy": card["test_accuracy"], "sha256": card["sha256"]}))
     return 0
 
@@ -108,7 +108,7 @@ def cmd_distill(args) -> int:
     overrides = {k: getattr(args, k) for k in ("teacher", "student", "preset", "steps", "time_budget", "out", "seed",
                                                "batch_size", "student_steps", "pool_size", "eval_data", "data_dir",
                                                "checkpoint_every", "eval_every", "accelerator", "devices", "num_nodes",
-                                               "strategy", "generator", "teacher_input_spec")}
+                                               "strategy", "generator", "teacher_input_spec", "student_kwargs")}
     config_path = args.config
     if args.resume:
         stored = Path(args.out or "runs/distill") / "config.yaml"
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--augment", default="affine", help="affine (digits, default), flip-shift (clothes, photos), none")
     p.add_argument("--data-dir")
     p.add_argument("--out", required=True, help="path without suffix; NAME.safetensors and NAME.json are written")
     p.add_argument("--overwrite", action="store_true")
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help=f"teacher file (default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)})")
     p.add_argument("--input-spec", dest="teacher_input_spec", help="the teacher's input, CxHxW[:mean:std], when its file does not say")
     p.add_argument("--student", help="zoo architecture, or a .safetensors + card to start from (default lenet5_half)")
+    p.add_argument("--student-kwargs", type=json.loads, help='JSON settings of the student arch, e.g. \'{"width": 32}\'')
     p.add_argument("--preset", help="dafl, dfad, zskt, dfq, deepinversion, fast (default)")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--steps", type=int, help="synthesis rounds")

@@ -27,6 +27,7 @@ class DistillConfig:
     teacher: str = ""
     teacher_input_spec: str | None = None  # CxHxW[:mean:std], for a teacher file that does not say
     student: str = "lenet5_half"
+    student_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 32} for convnet
     preset: str = "fast"
     out: str = "runs/distill"
     seed: int = 0
@@ -96,7 +97,7 @@ PRESETS: dict[str, dict] = {
     # Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020:
     # pixels optimised with BN statistics (first layer weighted), CE, TV and L2, plus the adaptive
     # (ADI) competition term: JS disagreement with the student. Batches are kept in a pool.
-    "deepinversion": {"generator": "pixels", "reset_every": 20, "lr_generator": 0.1,
+    "deepinversion": {"generator": "pixels", "generator_kwargs": {}, "reset_every": 20, "lr_generator": 0.1,
                       "weights": {"bn": 1.0, "onehot": 1.0, "tv": 1e-3, "l2": 1e-4, "adv": 1.0},
                       "bn_first_layer": 10.0, "adv_kind": "js", "student_steps": 2, "pool_size": 20000},
     # Ours, for a CPU: a small class-conditional generator (width 32) that asks for balanced classes,

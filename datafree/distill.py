@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -39,7 +40,7 @@ from generators import create_generator
 CHECKPOINT = "checkpoints/last.ckpt"
 
 
-def build_student(name: str, teacher: Teacher) -> tuple[Classifier, str, dict]:
+def build_student(name: str, teacher: Teacher, kwargs: dict | None = None) -> tuple[Classifier, str, dict]:
     """A fresh zoo student for the teacher's classes and input, or an initial student from a safetensors file."""
     spec = teacher.spec
     if name.endswith(".safetensors"):
@@ -50,7 +51,8 @@ def build_student(name: str, teacher: Teacher) -> tuple[Classifier, str, dict]:
         if (student_spec.channels, student_spec.size) != (spec.channels, spec.size):
             raise UserError(f"the student {name!r} takes {student_spec.describe()} images but the teacher takes {spec.describe()}")
         return model, card["arch"], card.get("arch_kwargs", {})
-    return create_model(name, spec.num_classes, spec.channels, spec.size), name, {}
+    kwargs = dict(kwargs or {})
+    return create_model(name, spec.num_classes, spec.channels, spec.size, **kwargs), name, kwargs
 
 
 class RunControl(L.Callback):
@@ -153,14 +155,15 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
     teacher = load_teacher(cfg.teacher, input_spec=cfg.teacher_input_spec)
-    student, student_arch, student_kwargs = build_student(cfg.student, teacher)
+    student, student_arch, student_kwargs = build_student(cfg.student, teacher, cfg.student_kwargs)
     gen_kwargs = dict(cfg.generator_kwargs)
     if cfg.generator == "pixels":
         gen_kwargs.setdefault("batch_size", cfg.batch_size)
     generator = create_generator(cfg.generator, teacher.spec.channels, teacher.spec.size, teacher.num_classes, **gen_kwargs)
-    if not resume:
-        check_writable_dir(out, overwrite)
-    write_text(out / "config.yaml", to_yaml(cfg))
+    if not _launched_worker():  # DDP worker processes re-run this command: rank 0 owns the folder
+        if not resume:
+            check_writable_dir(out, overwrite)
+        write_text(out / "config.yaml", to_yaml(cfg))
     log = MetricsLog(out / "metrics.jsonl")
     if resume:
         log.truncate_after(int(torch.load(ckpt, map_location="cpu", weights_only=True)["datafree"]["rounds"]))
@@ -180,6 +183,11 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if not trainer.is_global_zero:
         return {}
     return write_outputs(module, teacher, cfg, student_arch, student_kwargs, out, time.time() - started, notify)
+
+
+def _launched_worker() -> bool:
+    """True in the extra processes Lightning starts for DDP (local rank or node rank above 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
 def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, student_arch, student_kwargs, out: Path,

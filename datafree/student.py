@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from datafree.config import DistillConfig, parse_duration
 from datafree.synthesis import SamplePool, Synthesizer
@@ -139,8 +140,7 @@ class DistillModule(L.LightningModule):
             images, targets = self.synth.sample(cfg.batch_size, self.rng)
             loss, stats = self.synth.losses(images, targets, self.student)
             opt_g.zero_grad()
-            self.manual_backward(loss)
-            self._sync_grads(self.generator)
+            self._backward(loss, self.generator)
             opt_g.step()
         t_logits = stats.pop("_t_logits").detach()
         images = images.detach()
@@ -173,19 +173,28 @@ class DistillModule(L.LightningModule):
             t = self.teacher(x)
         loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
         opt_s.zero_grad()
-        self.manual_backward(loss)
-        self._sync_grads(self.student)
+        self._backward(loss, self.student)
         opt_s.step()
         return loss.detach()
 
-    def _sync_grads(self, module: nn.Module) -> None:
-        """Average gradients across processes (DDP); a no-op on one process."""
-        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            for p in module.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() != "gloo" else dist.ReduceOp.SUM)
-                    if dist.get_backend() == "gloo":
-                        p.grad /= self.trainer.world_size
+    def _backward(self, loss: torch.Tensor, module: nn.Module) -> None:
+        """Backward, then average ``module``'s gradients over the processes (DDP).
+
+        A round makes several backward passes over different parts of the module, which DDP's
+        one-backward-per-forward reducer does not allow; so its sync is held off (``no_sync``) and
+        the gradients of the part being stepped are all-reduced here instead.
+        """
+        wrapper = self.trainer.model
+        if not isinstance(wrapper, DistributedDataParallel):
+            self.manual_backward(loss)
+            return
+        with wrapper.no_sync():
+            self.manual_backward(loss)
+        world = self.trainer.world_size
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= world
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _log_round(self, step, stats, s_loss, t_logits):

@@ -48,14 +48,26 @@ def batches(data: ImageSet, batch_size: int, seed: int = 0, shuffle: bool = True
     return torch.utils.data.DataLoader(TensorBatches(data.images, data.labels, batch_size, seed, shuffle), batch_size=None)
 
 
-def default_augment(size: int, colour: bool):
-    """Mild geometric augmentation for training classifiers (shifts, small rotations; flips for colour)."""
+AUGMENTATIONS = ("affine", "flip-shift", "none")
+
+
+def make_augment(kind: str) -> nn.Module | None:
+    """Batched training augmentation by name (kornia).
+
+    - ``affine``: shifts, small rotations and scaling; for digits (no flips);
+    - ``flip-shift``: horizontal flips and small shifts; for clothes and natural images;
+    - ``none``.
+    """
     import kornia.augmentation as K
 
-    ops = [K.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), p=1.0)]
-    if colour:
-        ops.insert(0, K.RandomHorizontalFlip())
-    return nn.Sequential(*ops)
+    if kind == "affine":
+        return K.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), p=1.0)
+    if kind == "flip-shift":
+        return nn.Sequential(K.RandomHorizontalFlip(), K.RandomAffine(degrees=0, translate=(0.08, 0.08), p=1.0))
+    if kind == "none":
+        return None
+    from datafree.errors import UserError
+    raise UserError(f"unknown augmentation {kind!r}; use {', '.join(AUGMENTATIONS)}")
 
 
 class SupervisedModule(L.LightningModule):
