@@ -93,7 +93,7 @@ class RunControl(L.Callback):
             trainer.should_stop = True
         if step % self.cfg.checkpoint_every == 0:
             trainer.save_checkpoint(self.out / CHECKPOINT)
-        if trainer.is_global_zero and self.cfg.grid_every and (step % self.cfg.grid_every == 0 or step == 1):
+        if trainer.is_global_zero and self.cfg.grid_every and pl_module.last_batch is not None and (step % self.cfg.grid_every == 0 or step == 1):
             save_grid(pl_module.last_batch, pl_module.last_logits, pl_module.teacher.spec, self.out / "grids" / f"step_{step:06d}.png")
 
     def on_train_end(self, trainer, pl_module):

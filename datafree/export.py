@@ -73,3 +73,68 @@ def export_program(model: nn.Module, spec: InputSpec, path, card: dict | None = 
         if not torch.equal(loaded(check).argmax(1), wrapped(check).argmax(1)):
             raise RuntimeError(f"the exported program {path} does not reproduce the model's predictions")
     return path
+
+
+# --- condensed and synthetic data sets ---------------------------------------------------------------
+
+DATASET_SCHEMA = "datafree-condensed/1"
+
+
+def class_folder(index: int, name: str, count: int) -> str:
+    """``03_Dress``: zero-padded so that sorted folder names keep the class order (ImageFolder, HF)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or str(index)
+    return f"{index:0{len(str(max(count - 1, 1)))}d}_{safe}"
+
+
+def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, manifest: dict,
+                   soft_labels: torch.Tensor | None = None) -> Path:
+    """Write a synthetic data set as ``dataset.safetensors`` + ``manifest.json`` + ``train/<class>/<i>.png``.
+
+    ``images`` are in the normalised input space; the PNGs hold them denormalised to [0, 1] and
+    rounded to 8 bits, so they load in torchvision's ``ImageFolder`` and Hugging Face ``datasets``'
+    imagefolder loader as they are.
+
+    Example:
+        >>> save_image_set("runs/c/export", images, labels, spec, {"method": "dsa", "ipc": 10})   # doctest: +SKIP
+    """
+    from PIL import Image
+
+    from datafree.io import save_tensors, write_json, write_text
+
+    folder = Path(folder)
+    tensors = {"images": images, "labels": labels.long()}
+    if soft_labels is not None:
+        tensors["soft_labels"] = soft_labels
+    save_tensors(folder / "dataset.safetensors", tensors)
+    pixels = (spec.denormalize(images).clamp(0, 1) * 255).round().to(torch.uint8)
+    lines, k = [], spec.num_classes
+    for i, (img, y) in enumerate(zip(pixels, labels.tolist())):
+        sub = class_folder(y, spec.class_names[y], k)
+        rel = f"{sub}/{i:05d}.png"
+        path = folder / "train" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = img.permute(1, 2, 0).numpy()
+        Image.fromarray(array[:, :, 0] if spec.channels == 1 else array).save(path)
+        lines.append(json.dumps({"file_name": rel, "label": y, "class_name": spec.class_names[y]}))
+    write_text(folder / "train" / "metadata.jsonl", "\n".join(lines) + "\n")
+    counts = torch.bincount(labels.long(), minlength=k).tolist()
+    write_json(folder / "manifest.json", {"schema": DATASET_SCHEMA, "class_names": spec.class_names,
+                                          "class_folders": [class_folder(i, n, k) for i, n in enumerate(spec.class_names)],
+                                          "input_spec": spec.to_dict(), "count": len(labels), "class_counts": counts,
+                                          "space": "dataset.safetensors holds normalised images: pixels = images * std + mean",
+                                          **manifest})
+    return folder
+
+
+def load_image_set(folder):
+    """Read a folder written by :func:`save_image_set` back as an ImageSet (plus soft labels, manifest)."""
+    from datafree.data import ImageSet
+    from datafree.io import load_tensors, read_json
+
+    folder = Path(folder)
+    manifest = read_json(folder / "manifest.json")
+    if manifest.get("schema") != DATASET_SCHEMA:
+        raise UserError(f"{str(folder)!r} is not a datafree data set folder (schema {manifest.get('schema')!r})")
+    tensors = load_tensors(folder / "dataset.safetensors")
+    spec = InputSpec.from_dict(manifest["input_spec"])
+    return ImageSet(tensors["images"], tensors["labels"], spec, name=folder.name), tensors.get("soft_labels"), manifest

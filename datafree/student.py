@@ -87,6 +87,7 @@ class DistillModule(L.LightningModule):
         self.last_batch: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.rounds = 0  # Lightning's global_step counts optimizer steps (several per round)
+        self.batches = 0  # synthetic batches finished (pool + held out)
         self.elapsed = 0.0  # seconds spent in rounds, carried across resumes
         self.budget_seconds = parse_duration(cfg.time_budget)
 
@@ -142,11 +143,16 @@ class DistillModule(L.LightningModule):
             opt_g.zero_grad()
             self._backward(loss, self.generator)
             opt_g.step()
-        t_logits = stats.pop("_t_logits").detach()
-        images = images.detach()
-        held_out = cfg.holdout_every and step % cfg.holdout_every == cfg.holdout_every - 1
-        (self.holdout if held_out else self.pool).add(images, t_logits)
-        self.last_batch, self.last_logits = images, t_logits
+        stats.pop("_t_logits")
+        batch_done = not (self.synth.is_pixels and cfg.reset_every) or (step + 1) % cfg.reset_every == 0
+        if batch_done:  # optimised pixels enter the pool only when their batch is finished
+            images = images.detach()
+            with torch.no_grad():
+                t_logits = self.teacher(images)
+            held_out = cfg.holdout_every and self.batches % cfg.holdout_every == cfg.holdout_every - 1
+            (self.holdout if held_out else self.pool).add(images, t_logits)
+            self.last_batch, self.last_logits = images, t_logits
+            self.batches += 1
 
         s_loss = torch.zeros(())
         if len(self.pool):
@@ -154,8 +160,8 @@ class DistillModule(L.LightningModule):
                 s_loss = self._student_step(opt_s)
 
         self.elapsed += time.monotonic() - started
-        if step % 10 == 0 or step == cfg.steps - 1:
-            self._log_round(step, stats | {"lr_student": lr}, s_loss, t_logits)
+        if (step % 10 == 0 or step == cfg.steps - 1) and self.last_logits is not None:
+            self._log_round(step, stats | {"lr_student": lr}, s_loss, self.last_logits)
         if (step + 1) % cfg.eval_every == 0:
             self._evaluate(step)
         self.rounds += 1
@@ -243,7 +249,7 @@ class DistillModule(L.LightningModule):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
             "rng": self.rng.get_state(),
-            "snapshots": self.snapshots, "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed,
+            "snapshots": self.snapshots, "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -253,7 +259,7 @@ class DistillModule(L.LightningModule):
         self.rng.set_state(state["rng"])
         self.snapshots = [(int(s), d) for s, d in state["snapshots"]]
         self.synth.bn_prior.previous = state["bn_previous"]
-        self.rounds, self.elapsed = int(state["rounds"]), float(state["elapsed"])
+        self.rounds, self.elapsed, self.batches = int(state["rounds"]), float(state["elapsed"]), int(state["batches"])
 
 
 class Rounds(torch.utils.data.IterableDataset):

@@ -51,6 +51,10 @@ class Synthesizer(nn.Module):
 
     def losses(self, images, targets, student: nn.Module | None) -> tuple[torch.Tensor, dict]:
         """The weighted sum of the active priors on one batch, and each term's value."""
+        if self.cfg.jitter:  # DeepInversion's jitter: the image must work at any small shift
+            j = self.cfg.jitter
+            dy, dx = (int(v) for v in torch.randint(-j, j + 1, (2,)))
+            images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
         features, t_logits = self.teacher.forward_with_features(images)
         batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets)
         terms, stats = {}, {}
