@@ -199,12 +199,15 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
     teacher_hash = sha256_file(cfg.teacher)
     card = save_model(student, out / "student.safetensors", student_arch, teacher.spec, student_kwargs,
                       trained_by="datafree distill", preset=cfg.preset, teacher_sha256=teacher_hash,
-                      selected_step=best_step, holdout_agreement=round(best_agreement, 3))
+                      selected_step=best_step, holdout_agreement=_round(best_agreement))
     export_program(student, teacher.spec, out / "student.pt2", card)
     save_tensors(out / "generator.safetensors", module.generator.state_dict())
     write_json(out / "generator.json", {"generator": cfg.generator, "kwargs": cfg.generator_kwargs,
                                         "input_spec": teacher.spec.to_dict()})
     images, logits = module.pool.contents()
+    if not len(images):
+        images = torch.empty(0, *teacher.input_shape)
+        logits = torch.empty(0, teacher.num_classes)
     save_tensors(out / "transfer.safetensors", {"images": images, "teacher_logits": logits, "labels": logits.argmax(1)})
     write_json(out / "manifest.json", {
         "schema": "datafree-transfer/1", "kind": "transfer set", "count": len(images),
@@ -213,7 +216,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         "teacher_sha256": teacher_hash, "preset": cfg.preset, "seed": cfg.seed, "steps": module.rounds,
         "tensors": {"images": "float32 N x C x H x W", "teacher_logits": "float32 N x classes", "labels": "int64 teacher argmax"}})
     summary = {"steps": module.rounds, "seconds": round(seconds, 1), "selected_step": best_step,
-               "holdout_agreement": round(best_agreement, 3), "student": student_arch,
+               "holdout_agreement": _round(best_agreement), "student": student_arch,
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                "preset": cfg.preset, "transfer_set_size": len(images)}
     if cfg.eval_data:  # report only: nothing above looked at real data
@@ -226,6 +229,10 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, _logits(teacher, test.images)), 2)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 @torch.no_grad()

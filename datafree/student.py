@@ -220,11 +220,11 @@ class DistillModule(L.LightningModule):
         self.snapshots.append((step + 1, copy.deepcopy(self.student.state_dict())))
         self.snapshots = self.snapshots[-8:]
 
-    def select_best(self) -> tuple[int, float]:
+    def select_best(self) -> tuple[int, float | None]:
         """Load the snapshot (or the final student) that agrees most with the teacher on held-out synthetic data."""
         candidates = self.snapshots + [(self.rounds, copy.deepcopy(self.student.state_dict()))]
         if not len(self.holdout):
-            return self.rounds, float("nan")
+            return self.rounds, None
         images, logits = self.holdout.contents()
         scored = []
         for step, state in candidates:

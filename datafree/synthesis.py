@@ -111,10 +111,12 @@ class SamplePool:
         return self.images[idx], self.logits[idx]
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images is None:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         return self.images[: self.size], self.logits[: self.size]
 
     def state_dict(self) -> dict:
-        images, logits = (self.contents() if self.size else (torch.empty(0), torch.empty(0)))
+        images, logits = self.contents()
         return {"images": images.clone(), "logits": logits.clone(), "cursor": self.cursor, "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
