@@ -143,6 +143,78 @@ def _card_dataset(teacher_path) -> str | None:
     return None
 
 
+def cmd_condense(args) -> int:
+    from tqdm.auto import tqdm
+
+    from datafree.condense import condense
+    from datafree.config import parse_duration
+    from datafree.data import load_dataset, load_transfer_set
+    from datafree.export import save_image_set
+    from datafree.io import check_writable_dir, sha256_file
+
+    source_path = Path(args.source)
+    if (source_path / "transfer.safetensors").is_file():  # data-free: a distill run's transfer set
+        source, _ = load_transfer_set(source_path)
+        source_info = {"name": str(source_path), "kind": "transfer set (no real data)",
+                       "sha256": sha256_file(source_path / "transfer.safetensors"),
+                       "teacher_sha256": json.loads((source_path / "manifest.json").read_text()).get("teacher_sha256")}
+    else:
+        source = load_dataset(args.source, train=True, data_dir=args.data_dir)
+        source_info = {"name": source.name, "kind": "real data", "count": len(source)}
+    out = check_writable_dir(args.out, args.overwrite)
+    budget = parse_duration(args.time_budget)
+    bar = tqdm(total=args.steps, desc=f"condense {args.method}", unit="it", disable=args.no_progress)
+
+    def progress(done, total, record):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{record.get('match_loss', 0):.3f}", refresh=False)
+
+    extra = {"iterations": args.steps, "init": args.init, "time_budget": budget}
+    if args.real_per_class:
+        extra["real_per_class"] = args.real_per_class
+    if args.net_width:
+        extra["net_width"] = args.net_width
+    result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, **extra)
+    bar.close()
+    manifest = {"ipc": args.ipc, "method": args.method, "settings": {k: v for k, v in extra.items() if v is not None},
+                "seed": args.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
+                "history_tail": result.history[-3:]}
+    if args.evaluate:
+        from datafree.data import ImageSet
+        from datafree.evaluate import evaluate_set
+
+        test_name = args.test or (source.name if not source.name.startswith("transfer:") else None)
+        if test_name:
+            test = load_dataset(test_name, train=False, data_dir=args.data_dir)
+            condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
+            manifest["evaluation"] = evaluate_set(condensed, test, models=args.evaluate, epochs=args.epochs)
+    save_image_set(out, result.images, result.labels, source.spec, manifest, result.soft_labels)
+    print(json.dumps({"out": str(out), "images": len(result.labels), "evaluation": manifest.get("evaluation", {}).get("mean")}))
+    return 0
+
+
+def cmd_evaluate_set(args) -> int:
+    from datafree.data import ImageSet, load_dataset
+    from datafree.evaluate import evaluate_set
+    from datafree.export import load_image_set
+    from datafree.io import write_json
+
+    condensed, _, manifest = load_image_set(args.path)
+    test_name = args.test or manifest.get("source", {}).get("name")
+    if not test_name or test_name.startswith("runs") or "/" in test_name:
+        raise UserError("say which real test set to score on with --test (e.g. --test mnist)")
+    test = load_dataset(test_name, train=False, data_dir=args.data_dir)
+    if (condensed.spec.channels, condensed.spec.size) != (test.spec.channels, test.spec.size):
+        raise UserError(f"the set holds {condensed.spec.describe()} images but {test_name} is {test.spec.describe()}")
+    result = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
+                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed)
+    print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {args.models} models on the {test_name} test set")
+    if args.record:
+        manifest.setdefault("evaluations", []).append(result)
+        write_json(Path(args.path) / "manifest.json", manifest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +277,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("condense", help="condense a data set (or a distill run's transfer set) to a few images per class")
+    p.add_argument("--source", default="mnist", help="data set name, folder, .npz, or a distill run folder (data-free)")
+    p.add_argument("--ipc", type=int, default=10, help="images per class")
+    p.add_argument("--method", default="dsa", help="dc, dsa, dm, random, herding, kcenter")
+    p.add_argument("--steps", type=int, default=200, help="outer iterations (each with a fresh network)")
+    p.add_argument("--time-budget", help="stop after this long, e.g. 15m")
+    p.add_argument("--init", default="real", help="real, noise or kmeans")
+    p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 256)")
+    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", type=int, default=0, help="train N fresh models with the fixed protocol and record the result")
+    p.add_argument("--epochs", type=int, default=300, help="epochs of the evaluation protocol")
+    p.add_argument("--test", help="real test set for --evaluate (default: the source's)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_condense)
+
+    p = sub.add_parser("evaluate-set", help="train fresh models on a condensed set with the fixed protocol")
+    p.add_argument("path")
+    p.add_argument("--arch", default="convnet", help="convnet (protocol), lenet5, resnet8, ...")
+    p.add_argument("--models", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--test", help="real test set (default: the set's source)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir")
+    p.add_argument("--record", action="store_true", help="append the result to the set's manifest.json")
+    p.set_defaults(func=cmd_evaluate_set)
     return parser
 
 

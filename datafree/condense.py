@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,16 +29,10 @@ from datafree.augment import SiameseAugment, families_for
 from datafree.data import ImageSet
 from datafree.errors import UserError
 from datafree.models import create_model
+from datafree.registry import Registry
 
-CONDENSERS: dict[str, Callable] = {}
-
-
-def register_condenser(name: str):
-    def add(fn):
-        CONDENSERS[name] = fn
-        return fn
-
-    return add
+CONDENSERS = Registry("condensation method")
+register_condenser = CONDENSERS.register  # decorator for fn(source, settings, progress) -> Condensed
 
 
 @dataclass
@@ -81,14 +73,13 @@ class Condensed:
 
 def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=None, **kwargs) -> Condensed:
     """Condense ``source`` to ``ipc`` images per class with a registered method."""
-    if method not in CONDENSERS:
-        raise UserError(f"unknown condensation method {method!r}; known: {', '.join(sorted(CONDENSERS))}")
+    run = CONDENSERS.get_or_fail(method)
     counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
     if int(counts.min()) < ipc:
         worst = int(counts.argmin())
         raise UserError(f"ipc {ipc} is more than class {source.spec.class_names[worst]!r} has images ({int(counts[worst])})")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
-    return CONDENSERS[method](source, settings, progress or (lambda *a, **k: None))
+    return run(source, settings, progress or (lambda *a, **k: None))
 
 
 # --- gradient matching ----------------------------------------------------------------------------
@@ -132,6 +123,27 @@ def _matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
     return create_model("convnet", spec.num_classes, spec.channels, spec.size, width=s.net_width, depth=s.net_depth, norm="instance")
 
 
+def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: list[torch.Tensor], syn: torch.Tensor,
+                           ipc: int, real_per_class: int, rng: torch.Generator, dsa: SiameseAugment | None = None) -> torch.Tensor:
+    """Sum over classes of the matching distance between a real batch's and the synthetic images' gradients.
+
+    The real gradients are constants; the synthetic ones keep their graph, so the result can be
+    back-propagated into ``syn``. With ``dsa``, one augmentation is drawn per class and applied to both.
+    """
+    params = list(net.parameters())
+    loss = syn.new_zeros(())
+    for c, idx in enumerate(by_class):
+        real = real_images[idx[torch.randint(len(idx), (real_per_class,), generator=rng)]]
+        mine = syn[c * ipc:(c + 1) * ipc]
+        if dsa is not None:
+            p = dsa.sample(rng)
+            real, mine = dsa.apply(real, p), dsa.apply(mine, p)
+        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)]
+        g_syn = torch.autograd.grad(F.cross_entropy(net(mine), torch.full((len(mine),), c)), params, create_graph=True)
+        loss = loss + match_distance(g_syn, g_real)
+    return loss
+
+
 def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None) -> Condensed:
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
@@ -144,23 +156,10 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     history, started = [], time.monotonic()
     for it in range(s.iterations):
         net = _matching_net(source, s)
-        params = [p for p in net.parameters()]
         opt_net = torch.optim.SGD(net.parameters(), lr=s.lr_net)
         total = 0.0
         for ol in range(outer):
-            loss = syn.new_zeros(())
-            for c in range(k):
-                idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=rng)]
-                real = source.images[idx]
-                mine = syn[c * s.ipc:(c + 1) * s.ipc]
-                if dsa is not None:
-                    p = dsa.sample(rng)
-                    real, mine = dsa.apply(real, p), dsa.apply(mine, p)
-                target_r = torch.full((len(real),), c)
-                g_real = torch.autograd.grad(F.cross_entropy(net(real), target_r), params)
-                g_real = [g.detach() for g in g_real]
-                g_syn = torch.autograd.grad(F.cross_entropy(net(mine), torch.full((len(mine),), c)), params, create_graph=True)
-                loss = loss + match_distance(g_syn, g_real)
+            loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, rng, dsa)
             opt_img.zero_grad()
             loss.backward()
             opt_img.step()

@@ -282,3 +282,26 @@ def _load_imagefolder(path: Path, spec: InputSpec | None) -> ImageSet:
 def _check_shape(spec: InputSpec, images: torch.Tensor, path: Path) -> None:
     if tuple(images.shape[1:]) != (spec.channels, spec.size, spec.size):
         raise UserError(f"the images in {str(path)!r} are {'x'.join(map(str, images.shape[1:]))} but {spec.describe()} is expected")
+
+
+def load_transfer_set(run_dir) -> tuple[ImageSet, torch.Tensor]:
+    """The transfer set of a ``datafree distill`` run: images labelled by the teacher's argmax, and its logits.
+
+    Example:
+        >>> transfer, teacher_logits = load_transfer_set("runs/distill")   # doctest: +SKIP
+    """
+    import json
+
+    from datafree.io import load_tensors
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not (run_dir / "transfer.safetensors").is_file() or not manifest_path.is_file():
+        raise UserError(f"{str(run_dir)!r} is not a finished distill run (no transfer.safetensors and manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    tensors = load_tensors(run_dir / "transfer.safetensors")
+    spec = InputSpec.from_dict(manifest["input_spec"])
+    images, logits = tensors["images"], tensors["teacher_logits"]
+    if images.dim() != 4 or tuple(images.shape[1:]) != (spec.channels, spec.size, spec.size):
+        raise UserError(f"the transfer set in {str(run_dir)!r} holds {tuple(images.shape[1:])} images, not {spec.describe()}")
+    return ImageSet(images, logits.argmax(1), spec, name=f"transfer:{run_dir.name}"), logits

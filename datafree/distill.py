@@ -28,7 +28,7 @@ import lightning as L
 import torch
 
 from datafree.config import DistillConfig, to_yaml
-from datafree.data import InputSpec, no_real_data
+from datafree.data import InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
 from datafree.io import check_writable_dir, save_tensors, sha256_file, write_json, write_text
 from datafree.models import Classifier, count_parameters, create_model
@@ -156,6 +156,10 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
     teacher = load_teacher(cfg.teacher, input_spec=cfg.teacher_input_spec)
     student, student_arch, student_kwargs = build_student(cfg.student, teacher, cfg.student_kwargs)
+    if cfg.eval_data and not Path(cfg.eval_data).exists():  # a named data set: check its shape before training
+        eval_spec = dataset_spec(cfg.eval_data)
+        if (eval_spec.channels, eval_spec.size) != (teacher.spec.channels, teacher.spec.size):
+            raise UserError(f"the evaluation data {cfg.eval_data!r} is {eval_spec.describe()} but the teacher takes {teacher.spec.describe()}")
     gen_kwargs = dict(cfg.generator_kwargs)
     if cfg.generator == "pixels":
         gen_kwargs.setdefault("batch_size", cfg.batch_size)
@@ -224,6 +228,9 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         from datafree.training import accuracy
 
         test = load_dataset(cfg.eval_data, train=False, data_dir=cfg.data_dir)
+        if (test.spec.channels, test.spec.size) != (teacher.spec.channels, teacher.spec.size):
+            raise UserError(f"the evaluation data {cfg.eval_data!r} is {test.spec.describe()} but the teacher takes {teacher.spec.describe()}")
+        test.images = teacher.spec.normalize(test.spec.denormalize(test.images))  # into the teacher's input space
         summary["student_test_accuracy"] = round(accuracy(student, test), 2)
         summary["teacher_test_accuracy"] = round(accuracy(teacher, test), 2)
         summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, _logits(teacher, test.images)), 2)

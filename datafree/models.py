@@ -16,29 +16,19 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datafree.errors import UserError
+from datafree.registry import Registry
 
-MODELS: dict[str, Callable[..., "Classifier"]] = {}
-
-
-def register_model(name: str):
-    """Decorator: register a constructor ``fn(num_classes, in_channels, image_size, **kwargs)``."""
-
-    def add(fn):
-        MODELS[name] = fn
-        return fn
-
-    return add
+MODELS = Registry("architecture")
+register_model = MODELS.register  # decorator for constructors fn(num_classes, in_channels, image_size, **kwargs)
 
 
 def model_names() -> list[str]:
-    return sorted(MODELS) + ["tv:<torchvision name>"]
+    return MODELS.names() + ["tv:<torchvision name>"]
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwargs) -> "Classifier":
@@ -52,10 +42,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_s
         return TorchvisionClassifier(name[3:], num_classes, in_channels, **kwargs)
     if name not in MODELS:
         raise UserError(f"unknown architecture {name!r}; known: {', '.join(model_names())}")
-    try:
-        return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
-    except TypeError as e:
-        raise UserError(f"architecture {name!r} does not take these settings: {e}") from None
+    return MODELS.create(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -74,9 +74,9 @@ class SupervisedModule(L.LightningModule):
     """Cross-entropy training with SGD + cosine schedule, optional batched augmentation."""
 
     def __init__(self, model, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=10, augment=None, label_smoothing=0.0,
-                 milestones=None):
+                 milestones=None, nesterov=True):
         super().__init__()
-        self.model, self.augment = model, augment
+        self.model, self.augment, self.nesterov = model, augment, nesterov
         self.lr, self.momentum, self.weight_decay, self.epochs = lr, momentum, weight_decay, epochs
         self.label_smoothing, self.milestones = label_smoothing, milestones
 
@@ -90,7 +90,7 @@ class SupervisedModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=True)
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
         if self.milestones:  # step schedule, as in the condensed-set evaluation protocol
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, 0.1)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -11,31 +11,15 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Callable
+from datafree.registry import Registry
 
-from datafree.errors import UserError
-
-GENERATORS: dict[str, Callable] = {}
-
-
-def register_generator(name: str):
-    """Decorator: register a constructor ``fn(channels, size, num_classes, **kwargs)``."""
-
-    def add(cls):
-        GENERATORS[name] = cls
-        return cls
-
-    return add
+GENERATORS = Registry("generator")
+register_generator = GENERATORS.register  # decorator for constructors fn(channels, size, num_classes, **kwargs)
 
 
 def create_generator(name: str, channels: int, size: int, num_classes: int, **kwargs):
     """Build a registered generator by name."""
-    if name not in GENERATORS:
-        raise UserError(f"unknown generator {name!r}; known: {', '.join(sorted(GENERATORS))}")
-    try:
-        return GENERATORS[name](channels=channels, size=size, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UserError(f"generator {name!r} does not take these settings: {e}") from None
+    return GENERATORS.create(name, channels=channels, size=size, num_classes=num_classes, **kwargs)
 
 
 from generators import conditional, dcgan, pixels  # noqa: E402,F401  (registers them)

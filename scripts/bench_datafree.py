@@ -69,6 +69,9 @@ def main():
     parser.add_argument("--preset-budget", default="2m", help="budget of every other preset and the baselines")
     parser.add_argument("--presets", default="fast,deepinversion,dafl,dfad,zskt,dfq")
     parser.add_argument("--pairs", default="0,1,2", help="indices into the pair list")
+    parser.add_argument("--all-presets-on", default="0", help="pairs that run every preset; the others run the main preset only")
+    parser.add_argument("--baselines-on", default="0,1,2", help="pairs that also run the real-data and noise KD baselines")
+    parser.add_argument("--merge", help="rows of an earlier run (JSON list) to put in the same table")
     parser.add_argument("--quick", action="store_true", help="20 s per run: checks the script, not the methods")
     parser.add_argument("--out", default=str(ROOT / "bench" / "datafree.json"))
     parser.add_argument("--seed", type=int, default=0)
@@ -85,7 +88,8 @@ def main():
         teacher_acc = accuracy(teacher, test)
         # convnet width 32 has 22k parameters, 27% of the width-64 teacher's 81k
         student_kwargs = {"width": 32, "depth": 3, "norm": "batch"} if student_arch == "convnet" else {}
-        for preset in args.presets.split(","):
+        every = str(index) in args.all_presets_on.split(",")
+        for preset in args.presets.split(",") if every else [args.main_preset]:
             main_run = preset == args.main_preset
             budget = (args.fmnist_budget if dataset == "fashion-mnist" else args.main_budget) if main_run else args.preset_budget
             overrides = {"teacher": teacher_path, "student": student_arch, "student_kwargs": student_kwargs, "time_budget": budget, "steps": 10 ** 6,
@@ -100,17 +104,21 @@ def main():
                          "holdout_agreement": summary["holdout_agreement"], "student_params": summary["student_parameters"]})
             print(_row_text(rows[-1]), flush=True)
         train = load_dataset(dataset, train=True)
-        for source in ("real", "noise"):
+        for source in ("real", "noise") if str(index) in args.baselines_on.split(",") else ():
             torch.manual_seed(args.seed)
             student = build_student(student_arch, teacher, student_kwargs)[0]
             steps, seconds = kd_baseline(teacher, student, source, parse_duration(args.preset_budget), args.seed, train)
             acc = accuracy(student.eval(), test)
-            rows.append({"pair": name, "method": f"KD on {source} {'training images (upper bound)' if source == 'real' else 'Gaussian noise (lower bound)'}",
+            rows.append({"pair": name, "method": "KD on real training images (upper bound)" if source == "real" else "KD on Gaussian noise (lower bound)",
                          "budget": args.preset_budget, "steps": steps, "seconds": round(seconds, 1),
                          "teacher_acc": round(teacher_acc, 2), "student_acc": round(acc, 2), "ratio": round(acc / teacher_acc, 4),
                          "holdout_agreement": None, "student_params": count_parameters(student)})
             print(_row_text(rows[-1]), flush=True)
 
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        rows = earlier + rows
+        rows.sort(key=lambda r: [p[0] for p in PAIRS].index(r["pair"]))
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"machine": machine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

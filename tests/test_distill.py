@@ -306,3 +306,19 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     sync = [r for r in records if r["kind"] == "ddp_sync"]
     assert sync and sync[0]["world_size"] == 2 and len(set(sync[0]["student_checksums"])) == 1
+
+
+def test_pt2_teacher_of_another_zoo_arch(tmp_path):
+    """A resnet8 teacher handed over as .pt2 ([0, 1] inputs): BN taps work and the report evaluates in its space."""
+    model = create_model("resnet8", 10, 1, 28)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 1, 28, 28))
+    export_program(model.eval(), dataset_spec("mnist"), tmp_path / "r8.pt2", {"arch": "resnet8"})
+    summary = run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "r8.pt2"), eval_data="mnist"), progress=False)
+    assert summary["steps"] == 6 and 0 <= summary["student_test_accuracy"] <= 100
+    first = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    assert len(first["bn_per_layer"]) == len(load_teacher(tmp_path / "r8.pt2").bn_names) > 0
+    with pytest.raises(UserError, match="evaluation data 'cifar10' is 3x32x32"):
+        run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "r8.pt2"), eval_data="cifar10", out=str(tmp_path / "x")),
+                    progress=False)
