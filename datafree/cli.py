@@ -81,23 +81,19 @@ def cmd_teacher_inspect(args) -> int:
 
 
 def cmd_teacher_export(args) -> int:
+    from datafree.data import InputSpec
     from datafree.export import export_program
-    from datafree.teacher import load_model
+    from datafree.teacher import load_model, resolve_spec, sniff_format
 
     out = Path(args.to)
     if out.exists() and not args.overwrite:
         raise UserError(f"{str(out)!r} exists; pass --overwrite to replace it")
-    from datafree.teacher import sniff_format
     if sniff_format(args.file) != "safetensors":
         raise UserError("teacher export takes a safetensors + card teacher (a .pt2 or TorchScript file is already exported)")
-    spec = None
-    if args.dataset or args.input_spec:
-        from datafree.teacher import _resolve_spec
-        spec = _resolve_spec(args.dataset, args.input_spec)
-    model, card = load_model(args.file, args.arch, spec)
-    from datafree.data import InputSpec
-    export_program(model.eval(), InputSpec.from_dict(card["input_spec"]), out, card)
-    print(f"wrote {out}: takes N x {InputSpec.from_dict(card['input_spec']).describe()} images in [0, 1], returns logits")
+    model, card = load_model(args.file, args.arch, resolve_spec(args.dataset, args.input_spec))
+    spec = InputSpec.from_dict(card["input_spec"])
+    export_program(model.eval(), spec, out, card)
+    print(f"wrote {out}: takes N x {spec.describe()} images in [0, 1], returns logits")
     return 0
 
 

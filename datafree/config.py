@@ -199,6 +199,8 @@ def validate(cfg: DistillConfig) -> None:
             raise UserError(f"unknown loss weight {key!r}; known: {', '.join(KNOWN_WEIGHTS)}")
     if cfg.student_loss not in STUDENT_LOSSES:
         raise UserError(f"unknown student loss {cfg.student_loss!r}; use {' or '.join(STUDENT_LOSSES)}")
+    if cfg.student_optimizer not in ("sgd", "adam"):
+        raise UserError(f"unknown student optimizer {cfg.student_optimizer!r}; use sgd or adam")
     if cfg.adv_kind not in ADV_KINDS:
         raise UserError(f"unknown disagreement {cfg.adv_kind!r}; use {', '.join(ADV_KINDS)}")
     for name in ("steps", "batch_size", "student_batch", "pool_size", "eval_every", "checkpoint_every", "devices", "num_nodes"):

@@ -19,11 +19,14 @@ from datafree.priors import PRIORS, BNStatistics, SynthesisBatch, disagreement
 from datafree.teacher import Teacher
 
 
-class Synthesizer(nn.Module):
-    """Generator + priors. ``weights`` name the active terms; BN terms switch off without BN layers."""
+class Synthesizer:
+    """Generator + priors. ``weights`` name the active terms; BN terms switch off without BN layers.
+
+    A plain object: the teacher and the generator are registered (and checkpointed) once, by the
+    LightningModule that owns them.
+    """
 
     def __init__(self, teacher: Teacher, generator: nn.Module, cfg: DistillConfig, notify=print):
-        super().__init__()
         self.teacher, self.generator, self.cfg = teacher, generator, cfg
         self.weights = {k: float(v) for k, v in cfg.weights.items() if v}
         if "bn" in self.weights and not teacher.has_bn:

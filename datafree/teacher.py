@@ -306,7 +306,7 @@ def load_teacher(path, arch: str | None = None, dataset: str | None = None, inpu
     if fmt == "pickle":
         raise UserError(f"{str(path)!r} is a pickle file (torch.save); datafree never unpickles a file it is handed. "
                         "Send the weights as safetensors + card, or the model as a torch.export .pt2 program")
-    spec = _resolve_spec(dataset, input_spec)
+    spec = resolve_spec(dataset, input_spec)
     if fmt == "safetensors":
         model, card = load_model(path, arch, spec)
         return Teacher(model, InputSpec.from_dict(card["input_spec"]), fmt, card["arch"], card)
@@ -315,7 +315,13 @@ def load_teacher(path, arch: str | None = None, dataset: str | None = None, inpu
     return _load_torchscript(Path(path), spec)
 
 
-def _resolve_spec(dataset, input_spec) -> InputSpec | None:
+def resolve_spec(dataset: str | None, input_spec: str | InputSpec | None) -> InputSpec | None:
+    """The spec a user named: ``--input-spec`` wins over ``--dataset``; None when neither is given.
+
+    Example:
+        >>> resolve_spec("mnist", None).describe()
+        '1x28x28'
+    """
     if isinstance(input_spec, InputSpec):
         return input_spec
     if input_spec:
