@@ -30,7 +30,7 @@ import torch
 from datafree.config import DistillConfig, to_yaml
 from datafree.data import InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
-from datafree.io import check_writable_dir, save_tensors, sha256_file, write_json, write_text
+from datafree.io import atomic_path, check_writable_dir, save_tensors, sha256_file, write_json, write_text
 from datafree.models import Classifier, count_parameters, create_model
 from datafree.student import DistillModule, Rounds, agreement
 from datafree.teacher import Teacher, load_model, load_teacher, save_model
@@ -105,9 +105,7 @@ class RunControl(L.Callback):
 
 def save_grid(images: torch.Tensor, logits: torch.Tensor, spec: InputSpec, path: Path, per_class: int = 8) -> None:
     """One row per teacher class, up to ``per_class`` samples each, pixels denormalised to [0, 1]."""
-    from torchvision.utils import make_grid
-
-    from datafree.io import atomic_path
+    from torchvision.utils import make_grid, save_image
 
     pred = logits.argmax(1)
     blank = torch.zeros(spec.channels, spec.size, spec.size)
@@ -116,7 +114,6 @@ def save_grid(images: torch.Tensor, logits: torch.Tensor, spec: InputSpec, path:
         chosen = spec.denormalize(images[pred == c][:per_class]).clamp(0, 1)
         tiles += list(chosen) + [blank] * (per_class - len(chosen))
     grid = make_grid(torch.stack(tiles), nrow=per_class, padding=1, pad_value=0.5)
-    from torchvision.utils import save_image
     with atomic_path(path) as tmp:
         save_image(grid, str(tmp), format="png")
 
@@ -225,7 +222,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
                "preset": cfg.preset, "transfer_set_size": len(images)}
     if cfg.eval_data:  # report only: nothing above looked at real data
         from datafree.data import load_dataset
-        from datafree.training import accuracy
+        from datafree.training import accuracy, predict
 
         test = load_dataset(cfg.eval_data, train=False, data_dir=cfg.data_dir)
         if (test.spec.channels, test.spec.size) != (teacher.spec.channels, teacher.spec.size):
@@ -233,7 +230,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         test.images = teacher.spec.normalize(test.spec.denormalize(test.images))  # into the teacher's input space
         summary["student_test_accuracy"] = round(accuracy(student, test), 2)
         summary["teacher_test_accuracy"] = round(accuracy(teacher, test), 2)
-        summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, _logits(teacher, test.images)), 2)
+        summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, predict(teacher, test.images)), 2)
     write_json(out / "summary.json", summary)
     return summary
 
@@ -241,7 +238,3 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
-
-@torch.no_grad()
-def _logits(model, images):
-    return torch.cat([model(x) for x in images.split(1024)])

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from datafree.config import DistillConfig, parse_duration
 from datafree.synthesis import SamplePool, Synthesizer
 from datafree.teacher import Teacher
+from datafree.training import predict
 
 
 def kd_loss(s_logits, t_logits, temperature: float = 4.0, alpha: float = 0.0, kind: str = "kl") -> torch.Tensor:
@@ -61,11 +62,7 @@ def class_histogram(logits: torch.Tensor, num_classes: int) -> list[int]:
 @torch.no_grad()
 def agreement(student: nn.Module, images: torch.Tensor, t_logits: torch.Tensor) -> float:
     """Percent of images on which the student's argmax equals the teacher's."""
-    was = student.training
-    student.eval()
-    pred = torch.cat([student(x) for x in images.split(1024)]).argmax(1)
-    student.train(was)
-    return (pred == t_logits.argmax(1)).float().mean().item() * 100
+    return (predict(student, images).argmax(1) == t_logits.argmax(1)).float().mean().item() * 100
 
 
 class DistillModule(L.LightningModule):

@@ -73,11 +73,11 @@ def make_augment(kind: str) -> nn.Module | None:
 class SupervisedModule(L.LightningModule):
     """Cross-entropy training with SGD + cosine schedule, optional batched augmentation."""
 
-    def __init__(self, model, lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=10, augment=None, label_smoothing=0.0,
+    def __init__(self, model, lr=0.05, momentum=0.9, weight_decay=5e-4, augment=None, label_smoothing=0.0,
                  milestones=None, nesterov=True):
         super().__init__()
         self.model, self.augment, self.nesterov = model, augment, nesterov
-        self.lr, self.momentum, self.weight_decay, self.epochs = lr, momentum, weight_decay, epochs
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.label_smoothing, self.milestones = label_smoothing, milestones
 
     def training_step(self, batch, _):
@@ -119,7 +119,7 @@ def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_siz
     """
     quiet_lightning()
     L.seed_everything(seed, workers=True, verbose=False)
-    module = SupervisedModule(model, lr=lr, epochs=epochs, augment=augment, **kwargs)
+    module = SupervisedModule(model, lr=lr, augment=augment, **kwargs)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, deterministic=False)
     trainer.fit(module, batches(data, batch_size, seed))
