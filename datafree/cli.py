@@ -139,6 +139,21 @@ def _card_dataset(teacher_path) -> str | None:
     return None
 
 
+def _teacher_of_run(run_dir: Path):
+    """The teacher a distill run used, checked against the hash its transfer set recorded."""
+    from datafree.config import load_yaml
+    from datafree.io import sha256_file
+    from datafree.teacher import load_teacher
+
+    cfg = load_yaml(run_dir / "config.yaml")
+    path, expected = cfg.get("teacher"), json.loads((run_dir / "manifest.json").read_text()).get("teacher_sha256")
+    if not path or not Path(path).is_file():
+        raise UserError(f"soft labels need the run's teacher, but {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
+    if expected and sha256_file(path) != expected:
+        raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
+    return load_teacher(path, input_spec=cfg.get("teacher_input_spec")), expected
+
+
 def cmd_condense(args) -> int:
     from tqdm.auto import tqdm
 
@@ -147,45 +162,72 @@ def cmd_condense(args) -> int:
     from datafree.data import load_dataset, load_transfer_set
     from datafree.export import save_image_set
     from datafree.io import check_writable_dir, sha256_file
+    from datafree.progress import ProgressFile
 
     source_path = Path(args.source)
-    if (source_path / "transfer.safetensors").is_file():  # data-free: a distill run's transfer set
+    data_free = (source_path / "transfer.safetensors").is_file()
+    if data_free:  # labels from the teacher, no real image touched
         source, _ = load_transfer_set(source_path)
         source_info = {"name": str(source_path), "kind": "transfer set (no real data)",
                        "sha256": sha256_file(source_path / "transfer.safetensors"),
                        "teacher_sha256": json.loads((source_path / "manifest.json").read_text()).get("teacher_sha256")}
     else:
+        if args.soft_labels:
+            raise UserError("--soft-labels needs a distill run folder as --source (the teacher labels the images)")
         source = load_dataset(args.source, train=True, data_dir=args.data_dir)
         source_info = {"name": source.name, "kind": "real data", "count": len(source)}
-    out = check_writable_dir(args.out, args.overwrite)
+    teacher = _teacher_of_run(source_path)[0] if args.soft_labels else None  # checked before hours of work
+    checkpoint = Path(args.out) / "checkpoints" / "condense.pt"
+    if args.resume:
+        if not checkpoint.is_file():
+            raise UserError(f"nothing to resume: no checkpoint at {str(checkpoint)!r}")
+        out = Path(args.out)
+    else:
+        out = check_writable_dir(args.out, args.overwrite)
     budget = parse_duration(args.time_budget)
     bar = tqdm(total=args.steps, desc=f"condense {args.method}", unit="it", disable=args.no_progress)
+    report = ProgressFile()
 
     def progress(done, total, record):
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{record.get('match_loss', 0):.3f}", refresh=False)
+        fraction = max(done / total, record["seconds"] / budget if budget else 0.0)
+        report.update(fraction, done, total, {"match_loss": round(record.get("match_loss", 0.0), 5)})
 
     extra = {"iterations": args.steps, "init": args.init, "time_budget": budget}
-    if args.real_per_class:
-        extra["real_per_class"] = args.real_per_class
-    if args.net_width:
-        extra["net_width"] = args.net_width
-    result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, **extra)
+    for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
+        if getattr(args, name):
+            extra[name] = getattr(args, name)
+    result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, checkpoint=checkpoint,
+                      resume=args.resume, **extra)
     bar.close()
+    soft = None
+    if teacher is not None:
+        from datafree.training import predict
+
+        soft = predict(teacher, result.images).softmax(1)
     manifest = {"ipc": args.ipc, "method": args.method, "settings": {k: v for k, v in extra.items() if v is not None},
                 "seed": args.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
+                "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
+                "iterations_done": len(result.history), "seconds": result.history[-1]["seconds"] if result.history else 0.0,
                 "history_tail": result.history[-3:]}
     if args.evaluate:
         from datafree.data import ImageSet
         from datafree.evaluate import evaluate_set
 
-        test_name = args.test or (source.name if not source.name.startswith("transfer:") else None)
-        if test_name:
+        test_name = args.test or (None if data_free else source.name)
+        if test_name:  # real data only after condensation, for the report
             test = load_dataset(test_name, train=False, data_dir=args.data_dir)
             condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
             manifest["evaluation"] = evaluate_set(condensed, test, models=args.evaluate, epochs=args.epochs)
-    save_image_set(out, result.images, result.labels, source.spec, manifest, result.soft_labels)
-    print(json.dumps({"out": str(out), "images": len(result.labels), "evaluation": manifest.get("evaluation", {}).get("mean")}))
+    save_image_set(out, result.images, result.labels, source.spec, manifest, soft)
+    from datafree.io import write_text
+    from datafree.report import write_report
+
+    write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+    write_report(out)
+    print(json.dumps({"out": str(out), "images": len(result.labels), "iterations": len(result.history),
+                      "evaluation": manifest.get("evaluation", {}).get("mean")}))
     return 0
 
 
@@ -208,7 +250,85 @@ def cmd_evaluate_set(args) -> int:
     if args.record:
         manifest.setdefault("evaluations", []).append(result)
         write_json(Path(args.path) / "manifest.json", manifest)
+    if args.out:
+        write_json(Path(args.out) / "evaluation.json", dict(result, set=manifest.get("method"), ipc=manifest.get("ipc")))
     return 0
+
+
+def load_synthetic(path):
+    """A condensed set folder or a distill run's transfer set, with the teacher when the folder names one."""
+    from datafree.data import load_transfer_set
+    from datafree.export import load_image_set
+
+    path = Path(path)
+    if (path / "transfer.safetensors").is_file():
+        images, _ = load_transfer_set(path)
+        return images, (_teacher_of_run(path)[0] if (path / "config.yaml").is_file() else None)
+    if (path / "dataset.safetensors").is_file():
+        images, _, manifest = load_image_set(path)
+        source = manifest.get("source", {})
+        run = Path(source.get("name", ""))
+        teacher = None
+        if source.get("kind", "").startswith("transfer set") and (run / "config.yaml").is_file():
+            teacher = _teacher_of_run(run)[0]
+        return images, teacher
+    raise UserError(f"{str(path)!r} is neither a condensed set (dataset.safetensors) nor a distill run (transfer.safetensors)")
+
+
+def cmd_audit(args) -> int:
+    from datafree.audit import audit_set
+    from datafree.data import load_dataset
+    from datafree.io import read_json, write_json
+
+    synthetic, teacher = load_synthetic(args.synthetic)
+    if args.teacher:
+        from datafree.teacher import load_teacher
+
+        teacher = load_teacher(args.teacher)
+    if args.no_teacher:
+        teacher = None
+    real = load_dataset(args.real, train=True, data_dir=args.data_dir) if args.real else None
+    report = audit_set(synthetic, real, teacher, quantile=args.quantile)
+    folder = Path(args.synthetic)
+    out = Path(args.out) if args.out else folder / "audit.json"
+    write_json(out, report)
+    manifest_path = folder / "manifest.json"
+    if not args.out and manifest_path.is_file():  # audited in place: the set's manifest and report say so
+        manifest = read_json(manifest_path)
+        manifest["audit"] = {"verdict": report["verdict"], "real": report.get("real"),
+                             "pixel_near_copies": report.get("pixel", {}).get("near_copies"),
+                             "feature_near_copies": report.get("feature", {}).get("near_copies"), "file": out.name}
+        write_json(manifest_path, manifest)
+        from datafree.report import write_report
+
+        write_report(folder)
+    pixel = report.get("pixel", {})
+    print(f"{report['verdict']}: {pixel.get('near_copies', '-')} near-copies in pixel space"
+          + (f", {report['feature']['near_copies']} in feature space" if "feature" in report else "")
+          + f" among {report['synthetic']['count']} synthetic images; written to {out}")
+    return 0 if report["verdict"] != "fail" or not args.strict else 1
+
+
+def cmd_export_student(args) -> int:
+    from datafree.data import load_dataset
+    from datafree.handoff import export_student
+
+    run = Path(args.run)
+    teacher = _teacher_of_run(run)[0] if (run / "config.yaml").is_file() and (run / "manifest.json").is_file() else None
+    test = load_dataset(args.test, train=False, data_dir=args.data_dir) if args.test else None
+    card = export_student(run, args.out, test=test, teacher=teacher, int8=args.int8, overwrite=args.overwrite)
+    print(json.dumps({"out": args.out, "accuracy": card["accuracy"], "latency_ms": card["latency_ms"],
+                      "int8": {k: card["int8"][k] for k in ("size_bytes", "accuracy")} if "int8" in card else None}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from datafree.service.app import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"datafree: warning: listening on {args.host}, reachable from other machines; keep the token secret",
+              file=sys.stderr)
+    return serve(args.host, args.port, args.store, args.workers, args.max_upload_mb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-spec", dest="teacher_input_spec", help="the teacher's input, CxHxW[:mean:std], when its file does not say")
     p.add_argument("--student", help="zoo architecture, or a .safetensors + card to start from (default lenet5_half)")
     p.add_argument("--student-kwargs", type=json.loads, help='JSON settings of the student arch, e.g. \'{"width": 32}\'')
-    p.add_argument("--preset", help="dafl, dfad, zskt, dfq, deepinversion, fast (default)")
+    p.add_argument("--preset", help="dafl, dfad, zskt, dfq (default), deepinversion, fast")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--steps", type=int, help="synthesis rounds")
     p.add_argument("--time-budget", help="wall-clock limit, e.g. 10m; the best checkpoint so far is kept")
@@ -278,11 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="mnist", help="data set name, folder, .npz, or a distill run folder (data-free)")
     p.add_argument("--ipc", type=int, default=10, help="images per class")
     p.add_argument("--method", default="dsa", help="dc, dsa, dm, random, herding, kcenter")
-    p.add_argument("--steps", type=int, default=200, help="outer iterations (each with a fresh network)")
+    p.add_argument("--steps", type=int, default=1000, help="outer iterations (each with a fresh network)")
     p.add_argument("--time-budget", help="stop after this long, e.g. 15m")
     p.add_argument("--init", default="real", help="real, noise or kmeans")
-    p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 256)")
-    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 128)")
+    p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 128)")
+    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 32; published 128)")
+    p.add_argument("--outer-loop", type=int, help="matching steps per fresh network (default by ipc)")
+    p.add_argument("--inner-loop", type=int, help="network updates between matching steps (default by ipc)")
+    p.add_argument("--soft-labels", action="store_true", help="data-free mode: keep the teacher's soft labels with the images")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same flags)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate", type=int, default=0, help="train N fresh models with the fixed protocol and record the result")
     p.add_argument("--epochs", type=int, default=300, help="epochs of the evaluation protocol")
@@ -302,7 +426,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--record", action="store_true", help="append the result to the set's manifest.json")
+    p.add_argument("--out", help="also write the result to OUT/evaluation.json")
     p.set_defaults(func=cmd_evaluate_set)
+
+    p = sub.add_parser("audit", help="check a synthetic set for leaked real images (faiss nearest neighbours)")
+    p.add_argument("synthetic", help="condensed set folder or distill run folder")
+    p.add_argument("--real", help="real data set to compare with (name, folder or .npz); without it only diversity is measured")
+    p.add_argument("--teacher", help="teacher for the feature-space audit (default: the run's own, when known)")
+    p.add_argument("--no-teacher", action="store_true", help="pixel space only")
+    p.add_argument("--quantile", type=float, default=0.01, help="near-copy threshold: this quantile of real-to-real distances")
+    p.add_argument("--out", help="where to write the audit (default SYNTHETIC/audit.json)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when near-copies are found")
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_audit)
+
+    export = sub.add_parser("export", help="package results for handoff").add_subparsers(dest="action", required=True)
+    p = export.add_parser("student", help="the student of a distill run with its model card, .pt2 program and optional int8")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--test", help="real test set for the card's accuracy (default: the figures the run recorded)")
+    p.add_argument("--int8", action="store_true", help="also post-training int8 quantisation, with its size and accuracy")
+    p.add_argument("--data-dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_student)
+
+    p = sub.add_parser("serve", help="the HTTP job service (FastAPI); token from DATAFREE_TOKEN or made on first start")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--store", default="datafree-store", help="folder for the SQLite job store, teachers and artifacts")
+    p.add_argument("--workers", type=int, default=1, help="jobs run at once, each in its own process")
+    p.add_argument("--max-upload-mb", type=int, default=200)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -18,8 +18,13 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ from torch import nn
 from datafree.augment import SiameseAugment, families_for
 from datafree.data import ImageSet
 from datafree.errors import UserError
+from datafree.io import atomic_path
 from datafree.models import create_model
 from datafree.registry import Registry
 
@@ -37,30 +43,29 @@ register_condenser = CONDENSERS.register  # decorator for fn(source, settings, p
 
 @dataclass
 class CondenseSettings:
-    """Settings of the matching condensers; loop counts follow the published ones by ipc."""
+    """Settings of the matching condensers. The defaults are a CPU schedule: a width-32 matching
+    ConvNet, 128 real images per class per step and 10 inner network updates (measured in
+    BENCHMARKS.md); the published one is ``net_width=128, real_per_class=256, inner_loop=50``."""
 
     ipc: int = 10
-    iterations: int = 200
-    outer_loop: int | None = None         # default: 1 (ipc 1), 10 (ipc <= 10), 50 (more)
-    inner_loop: int | None = None         # default: 1, 50, 10 as published
-    real_per_class: int = 256
+    iterations: int = 1000
+    outer_loop: int | None = None         # matching steps per fresh network; default 1 (ipc 1), 10 (ipc <= 10), 50
+    inner_loop: int | None = None         # network updates between matching steps; default 1 (ipc 1), else 10
+    real_per_class: int = 128
     lr_images: float = 0.1
     lr_net: float = 0.01
-    net_width: int = 128
+    net_width: int = 32
     net_depth: int = 3
     init: str = "real"                    # real | noise | kmeans
-    time_budget: float | None = None      # seconds
+    time_budget: float | None = None      # seconds, counted across resumes
+    checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def loops(self) -> tuple[int, int]:
-        if self.outer_loop and self.inner_loop:
-            return self.outer_loop, self.inner_loop
-        if self.ipc == 1:
-            return 1, 1
-        if self.ipc <= 10:
-            return 10, 50
-        return 50, 10
+        outer = 1 if self.ipc == 1 else 10 if self.ipc <= 10 else 50
+        inner = 1 if self.ipc == 1 else 10
+        return self.outer_loop or outer, self.inner_loop or inner
 
 
 @dataclass
@@ -71,15 +76,24 @@ class Condensed:
     history: list[dict] = field(default_factory=list)
 
 
-def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=None, **kwargs) -> Condensed:
-    """Condense ``source`` to ``ipc`` images per class with a registered method."""
+def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=None, checkpoint=None, resume: bool = False,
+             **kwargs) -> Condensed:
+    """Condense ``source`` to ``ipc`` images per class with a registered method.
+
+    ``progress(done, total, record)`` is called after each iteration. With ``checkpoint`` (a file
+    path), the matching methods save their state there; ``resume=True`` continues from it.
+    Keyword arguments are :class:`CondenseSettings` fields.
+    """
     run = CONDENSERS.get_or_fail(method)
     counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
     if int(counts.min()) < ipc:
         worst = int(counts.argmin())
         raise UserError(f"ipc {ipc} is more than class {source.spec.class_names[worst]!r} has images ({int(counts[worst])})")
+    unknown = sorted(set(kwargs) - set(CondenseSettings.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"unknown condensation setting {unknown[0]!r}")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
-    return run(source, settings, progress or (lambda *a, **k: None))
+    return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume)
 
 
 # --- gradient matching ----------------------------------------------------------------------------
@@ -144,7 +158,88 @@ def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: 
     return loss
 
 
-def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None) -> Condensed:
+class MatchingRun:
+    """Bookkeeping shared by the matching condensers: iteration count, history, time budget,
+    progress, and checkpoints taken at iteration boundaries so that a resumed run equals an
+    uninterrupted one (the images, their optimiser and both random generators are saved).
+
+    Example:
+        >>> run = MatchingRun(settings, progress, rng, syn, opt, checkpoint="out/checkpoints/condense.pt")
+        >>> while run.next_iteration():
+        ...     run.end_iteration({"match_loss": 0.5})                        # doctest: +SKIP
+    """
+
+    def __init__(self, s: CondenseSettings, progress, rng: torch.Generator, syn: torch.Tensor, opt, checkpoint=None,
+                 resume: bool = False, method: str = ""):
+        self.s, self.progress, self.rng, self.syn, self.opt = s, progress, rng, syn, opt
+        self.path = Path(checkpoint) if checkpoint else None
+        self.key = {"method": method, **{k: v for k, v in asdict(s).items() if k not in ("time_budget", "iterations", "checkpoint_every")}}
+        self.iteration, self.history, self.elapsed_before = 0, [], 0.0
+        self.started = self.last_saved = time.monotonic()
+        self.snapshot = None
+        if resume:
+            self._restore()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def out_of_time(self) -> bool:
+        return bool(self.s.time_budget) and self.elapsed() > self.s.time_budget
+
+    def next_iteration(self) -> bool:
+        return self.iteration < self.s.iterations and not self.out_of_time()
+
+    def end_iteration(self, record: dict) -> None:
+        self.iteration += 1
+        self.history.append({"iteration": self.iteration, **record, "seconds": round(self.elapsed(), 2)})
+        self.snapshot = self._state()
+        if self.path and (time.monotonic() - self.last_saved > self.s.checkpoint_every or not self.next_iteration()):
+            self.save()
+        self.progress(self.iteration, self.s.iterations, self.history[-1])
+
+    def save(self) -> None:
+        """Write the state of the last finished iteration (called on Ctrl-C too)."""
+        if self.path is None or self.snapshot is None:
+            return
+        with atomic_path(self.path) as tmp:
+            torch.save(self.snapshot, tmp)
+        self.last_saved = time.monotonic()
+
+    @contextlib.contextmanager
+    def saving_on_interrupt(self):
+        """On Ctrl-C, keep the last finished iteration on disk before the interrupt goes on."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save()
+            raise
+
+    def _state(self) -> dict:
+        return {"key": json.dumps(self.key, sort_keys=True, default=str), "iteration": self.iteration,
+                "history": json.dumps(self.history), "elapsed": self.elapsed(), "syn": self.syn.detach().clone(),
+                "opt": copy.deepcopy(self.opt.state_dict()), "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state()}
+
+    def _restore(self) -> None:
+        if self.path is None or not self.path.is_file():
+            raise UserError(f"nothing to resume: no checkpoint at {str(self.path)!r}")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise UserError(f"the checkpoint {str(self.path)!r} is unreadable or not a condensation checkpoint") from None
+        if state.get("key") != json.dumps(self.key, sort_keys=True, default=str):
+            saved = json.loads(state.get("key") or "{}")
+            changed = sorted(k for k in set(saved) | set(self.key) if saved.get(k) != self.key.get(k))
+            raise UserError(f"cannot resume with different settings ({', '.join(changed)} changed); use the original ones")
+        with torch.no_grad():
+            self.syn.copy_(state["syn"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.iteration, self.history, self.elapsed_before = state["iteration"], json.loads(state["history"]), state["elapsed"]
+        self.snapshot = state
+
+
+def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None, **run_kwargs) -> Condensed:
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     k = source.spec.num_classes
@@ -152,49 +247,47 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     syn = _init_images(source, s, rng, by_class).requires_grad_(True)
     syn_labels = torch.arange(k).repeat_interleave(s.ipc)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
+    run = MatchingRun(s, progress, rng, syn, opt_img, **run_kwargs)
     outer, inner = s.loops()
-    history, started = [], time.monotonic()
-    for it in range(s.iterations):
-        net = _matching_net(source, s)
-        opt_net = torch.optim.SGD(net.parameters(), lr=s.lr_net)
-        total = 0.0
-        for ol in range(outer):
-            loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, rng, dsa)
-            opt_img.zero_grad()
-            loss.backward()
-            opt_img.step()
-            total += loss.item()
-            if ol == outer - 1:
-                break
-            images, labels = syn.detach(), syn_labels
-            for _ in range(inner):  # train the network on the synthetic set
-                batch = torch.randperm(len(images), generator=rng)[:256]
-                x = images[batch]
-                if dsa is not None:
-                    x = dsa(x, rng)
-                net_loss = F.cross_entropy(net(x), labels[batch])
-                opt_net.zero_grad()
-                net_loss.backward()
-                opt_net.step()
-        history.append({"iteration": it + 1, "match_loss": total / outer / k, "seconds": round(time.monotonic() - started, 2)})
-        progress(it + 1, s.iterations, history[-1])
-        if s.time_budget and time.monotonic() - started > s.time_budget:
-            break
-    return Condensed(syn.detach(), syn_labels, history=history)
+    with run.saving_on_interrupt():
+        while run.next_iteration():
+            net = _matching_net(source, s)
+            opt_net = torch.optim.SGD(net.parameters(), lr=s.lr_net)
+            losses = []
+            for ol in range(outer):
+                loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, rng, dsa)
+                opt_img.zero_grad()
+                loss.backward()
+                opt_img.step()
+                losses.append(loss.item())
+                if ol == outer - 1 or run.out_of_time():
+                    break
+                images = syn.detach()
+                for _ in range(inner):  # train the network on the synthetic set
+                    batch = torch.randperm(len(images), generator=rng)[:256]
+                    x = images[batch]
+                    if dsa is not None:
+                        x = dsa(x, rng)
+                    net_loss = F.cross_entropy(net(x), syn_labels[batch])
+                    opt_net.zero_grad()
+                    net_loss.backward()
+                    opt_net.step()
+            run.end_iteration({"match_loss": sum(losses) / len(losses) / k})
+    return Condensed(syn.detach(), syn_labels, history=run.history)
 
 
 @register_condenser("dc")
-def dc(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
-    return _gradient_matching(source, s, progress, None)
+def dc(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condensed:
+    return _gradient_matching(source, s, progress, None, method="dc", **run_kwargs)
 
 
 @register_condenser("dsa")
-def dsa(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
-    return _gradient_matching(source, s, progress, SiameseAugment(families_for(source.name)))
+def dsa(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condensed:
+    return _gradient_matching(source, s, progress, SiameseAugment(families_for(source.name)), method="dsa", **run_kwargs)
 
 
 @register_condenser("dm")
-def dm(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
+def dm(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condensed:
     """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA."""
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
@@ -203,26 +296,24 @@ def dm(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
     syn = _init_images(source, s, rng, by_class).requires_grad_(True)
     augment = SiameseAugment(families_for(source.name))
     opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
-    history, started = [], time.monotonic()
-    for it in range(s.iterations):
-        net = _matching_net(source, s)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        loss = syn.new_zeros(())
-        for c in range(k):
-            idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=rng)]
-            p = augment.sample(rng)
-            real = net.forward_features(augment.apply(source.images[idx], p))
-            mine = net.forward_features(augment.apply(syn[c * s.ipc:(c + 1) * s.ipc], p))
-            loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append({"iteration": it + 1, "match_loss": loss.item() / k, "seconds": round(time.monotonic() - started, 2)})
-        progress(it + 1, s.iterations, history[-1])
-        if s.time_budget and time.monotonic() - started > s.time_budget:
-            break
-    return Condensed(syn.detach(), torch.arange(k).repeat_interleave(s.ipc), history=history)
+    run = MatchingRun(s, progress, rng, syn, opt, method="dm", **run_kwargs)
+    with run.saving_on_interrupt():
+        while run.next_iteration():
+            net = _matching_net(source, s)
+            for p in net.parameters():
+                p.requires_grad_(False)
+            loss = syn.new_zeros(())
+            for c in range(k):
+                idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=rng)]
+                p = augment.sample(rng)
+                real = net.forward_features(augment.apply(source.images[idx], p))
+                mine = net.forward_features(augment.apply(syn[c * s.ipc:(c + 1) * s.ipc], p))
+                loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.end_iteration({"match_loss": loss.item() / k})
+    return Condensed(syn.detach(), torch.arange(k).repeat_interleave(s.ipc), history=run.history)
 
 
 # --- selection baselines ----------------------------------------------------------------------------
@@ -237,7 +328,7 @@ def _select(source: ImageSet, s: CondenseSettings, pick) -> Condensed:
 
 
 @register_condenser("random")
-def random_real(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
+def random_real(source: ImageSet, s: CondenseSettings, progress, **_) -> Condensed:
     rng = torch.Generator().manual_seed(s.seed)
     return _select(source, s, lambda x, c: torch.randperm(len(x), generator=rng)[: s.ipc])
 
@@ -251,7 +342,7 @@ def _embed(images: torch.Tensor, s: CondenseSettings) -> np.ndarray:
 
 
 @register_condenser("herding")
-def herding(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
+def herding(source: ImageSet, s: CondenseSettings, progress, **_) -> Condensed:
     """Greedy herding (Welling 2009): pick samples whose running mean tracks the class mean."""
 
     def pick(x, c):
@@ -271,7 +362,7 @@ def herding(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
 
 
 @register_condenser("kcenter")
-def kcenter(source: ImageSet, s: CondenseSettings, progress) -> Condensed:
+def kcenter(source: ImageSet, s: CondenseSettings, progress, **_) -> Condensed:
     """Greedy k-center (Sener & Savarese 2018) with faiss for the distance updates."""
     import faiss
 

@@ -10,6 +10,7 @@
       generator.safetensors  + generator.json
       transfer.safetensors   images in the teacher's input space + teacher logits; manifest.json
       summary.json           what was selected and, if asked, real test accuracy (report only)
+      report.html, report/   image grid per class, curves, class histogram, accuracy table, audit
 
 Example:
     >>> cfg = resolve_distill_config(overrides={"teacher": "assets/teachers/mnist_lenet5.safetensors", "steps": 50})
@@ -31,6 +32,7 @@ from datafree.config import DistillConfig, to_yaml
 from datafree.data import InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
 from datafree.io import atomic_path, check_writable_dir, save_tensors, sha256_file, write_json, write_text
+from datafree.progress import ProgressFile
 from datafree.models import Classifier, count_parameters, create_model
 from datafree.student import DistillModule, Rounds, agreement
 from datafree.teacher import Teacher, load_model, load_teacher, save_model
@@ -62,6 +64,7 @@ class RunControl(L.Callback):
         self.out, self.cfg, self.stop_requested = out, cfg, False
         self._previous = {}
         self.show_progress, self.bar = progress, None
+        self.report = ProgressFile()
 
     def on_train_start(self, trainer, pl_module):
         if self.show_progress and trainer.is_global_zero:
@@ -89,6 +92,10 @@ class RunControl(L.Callback):
                 self.bar.total = max(step, round(step / done))
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(kd=f"{float(outputs['kd']) if outputs else 0:.3f}", pool=len(pl_module.pool), refresh=False)
+        if trainer.is_global_zero:
+            metrics = {"loss_student": float(outputs["kd"]) if outputs else None, "pool_size": len(pl_module.pool),
+                       "holdout_agreement": getattr(pl_module, "last_agreement", None)}
+            self.report.update(pl_module.progress(), step, self.cfg.steps, metrics)
         if self.stop_requested or pl_module.progress() >= 1.0:
             trainer.should_stop = True
         if step % self.cfg.checkpoint_every == 0:
@@ -232,6 +239,9 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         summary["teacher_test_accuracy"] = round(accuracy(teacher, test), 2)
         summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, predict(teacher, test.images)), 2)
     write_json(out / "summary.json", summary)
+    from datafree.report import write_report
+
+    write_report(out)
     return summary
 
 

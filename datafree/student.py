@@ -213,6 +213,7 @@ class DistillModule(L.LightningModule):
     def _evaluate(self, step):
         if len(self.holdout):
             score = agreement(self.student, *self.holdout.contents())
+            self.last_agreement = round(score, 3)
             self.log_fn({"step": step + 1, "kind": "eval", "holdout_agreement": round(score, 3)})
         self.snapshots.append((step + 1, copy.deepcopy(self.student.state_dict())))
         self.snapshots = self.snapshots[-8:]

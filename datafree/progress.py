@@ -1,0 +1,43 @@
+"""Machine-readable progress for the job service: when ``DATAFREE_PROGRESS_FILE`` is set, long
+commands mirror their progress bar into that JSON file (fraction, ETA, latest metrics).
+
+Example:
+    >>> report = ProgressFile()                     # reads DATAFREE_PROGRESS_FILE; a no-op when unset
+    >>> report.update(0.25, done=50, total=200, metrics={"loss": 0.3})
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+ENV = "DATAFREE_PROGRESS_FILE"
+
+
+class ProgressFile:
+    """Writes ``{"fraction", "done", "total", "eta_s", "elapsed_s", "metrics", "updated"}`` atomically, at most every ``every`` s."""
+
+    def __init__(self, path: str | None = None, every: float = 1.0):
+        self.path = path or os.environ.get(ENV)
+        self.every, self.started, self.last = every, time.monotonic(), 0.0
+        self.first_fraction = None
+
+    def update(self, fraction: float, done: int | None = None, total: int | None = None, metrics: dict | None = None,
+               force: bool = False) -> None:
+        if not self.path:
+            return
+        now = time.monotonic()
+        if self.first_fraction is None:
+            self.first_fraction = fraction
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        elapsed, gained = now - self.started, fraction - self.first_fraction
+        eta = elapsed * (1 - fraction) / gained if gained > 0 else None
+        record = {"fraction": round(min(max(fraction, 0.0), 1.0), 4), "done": done, "total": total,
+                  "eta_s": round(eta, 1) if eta is not None else None, "elapsed_s": round(elapsed, 1),
+                  "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}, "updated": time.time()}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, self.path)

@@ -1,0 +1,1 @@
+"""The HTTP job service: ``datafree serve`` (see :mod:`datafree.service.app`)."""

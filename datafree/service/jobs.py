@@ -1,0 +1,179 @@
+"""Job kinds of the service: a request's config is validated with the same typed config the command
+line uses, then the job runs as a ``datafree`` command in a worker process.
+
+Kinds and their config (JSON):
+
+- ``distill``: ``{"teacher": TEACHER_ID, ...DistillConfig fields}`` (``preset`` picks defaults);
+- ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", "ipc", "method", "steps", "time_budget",
+  "init", "real_per_class", "net_width", "outer_loop", "inner_loop", "seed", "evaluate", "epochs", "soft_labels"}``;
+- ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test"}``;
+- ``audit``: ``{"job": DISTILL_OR_CONDENSE_JOB_ID, "real": "mnist" | null}``;
+- ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "test": "mnist" | null}``.
+
+Clients name stored teachers, finished jobs and data sets by name, never server paths.
+
+Example:
+    >>> argv = command_for(store, "condense", validate_job(store, "condense", {"source": "mnist", "ipc": 1}), out)
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from datafree.errors import UserError
+
+KINDS = ("distill", "condense", "evaluate", "audit", "export")
+CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
+
+CONDENSE_FIELDS = {"source": str, "ipc": int, "method": str, "steps": int, "time_budget": str, "init": str,
+                   "real_per_class": int, "net_width": int, "outer_loop": int, "inner_loop": int, "seed": int,
+                   "evaluate": int, "epochs": int, "soft_labels": bool}
+EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str}
+AUDIT_FIELDS = {"job": str, "real": str}
+EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
+
+
+def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(config, dict):
+        raise UserError("config must be a JSON object")
+    for key, value in config.items():
+        if key not in fields:
+            raise UserError(f"unknown config field {key!r}; known: {', '.join(fields)}")
+        want = fields[key]
+        ok = value is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
+        if not ok:
+            raise UserError(f"config field {key!r} must be {want.__name__}, got {value!r}")
+    for key in required:
+        if config.get(key) is None:
+            raise UserError(f"config field {key!r} is required")
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _data_name(name: str | None, field: str) -> None:
+    from datafree.data import TORCHVISION_SETS, canonical_name
+
+    if name is not None and canonical_name(name) not in TORCHVISION_SETS:
+        raise UserError(f"config field {field!r}: unknown data set {name!r}; known: {', '.join(sorted(TORCHVISION_SETS))}")
+
+
+def _finished_job(store, job_id: str, kinds: tuple[str, ...], field: str = "job") -> dict:
+    job = store.job(str(job_id).removeprefix("job:"))
+    if job is None or job["kind"] not in kinds:
+        raise UserError(f"config field {field!r}: no {' or '.join(kinds)} job {job_id!r}")
+    if job["state"] != "succeeded":
+        raise UserError(f"config field {field!r}: job {job['id']} has not succeeded (it is {job['state']})")
+    return job
+
+
+def validate_job(store, kind: str, config: dict) -> dict:
+    """Check a job request; return the config to store. Raises :class:`UserError` naming the field."""
+    from datafree.config import parse_duration, resolve_distill_config
+
+    if kind not in KINDS:
+        raise UserError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind == "distill":
+        if not isinstance(config, dict):
+            raise UserError("config must be a JSON object")
+        blocked = sorted(set(config) & CLIENT_BLOCKED)
+        if blocked:
+            raise UserError(f"config field {blocked[0]!r} is set by the server, not by a job")
+        if not config.get("teacher") or store.teacher(str(config["teacher"])) is None:
+            raise UserError(f"config field 'teacher': no uploaded teacher {config.get('teacher')!r} (see GET /v1/teachers)")
+        _data_name(config.get("eval_data"), "eval_data")
+        if config.get("time_budget") is not None:
+            parse_duration(config["time_budget"])
+        resolve_distill_config(overrides={**config, "teacher": "stored"})  # the command line's typed config
+        return dict(config)
+    if kind == "condense":
+        config = _check_fields(config, CONDENSE_FIELDS)
+        source = config.get("source", "mnist")
+        if source.startswith("job:"):
+            _finished_job(store, source, ("distill",), "source")
+        else:
+            _data_name(source, "source")
+        from datafree.condense import CONDENSERS
+
+        CONDENSERS.get_or_fail(config.get("method", "dsa"))
+        if config.get("time_budget") is not None:
+            parse_duration(config["time_budget"])
+        for key in ("ipc", "steps", "real_per_class", "net_width", "outer_loop", "inner_loop", "epochs"):
+            if key in config and config[key] < 1:
+                raise UserError(f"config field {key!r} must be at least 1")
+        return config
+    if kind == "evaluate":
+        config = _check_fields(config, EVALUATE_FIELDS, ("job",))
+        _finished_job(store, config["job"], ("condense",))
+        _data_name(config.get("test"), "test")
+        from datafree.models import MODELS
+
+        MODELS.get_or_fail(config.get("arch", "convnet"))
+        return config
+    if kind == "audit":
+        config = _check_fields(config, AUDIT_FIELDS, ("job",))
+        _finished_job(store, config["job"], ("distill", "condense"))
+        _data_name(config.get("real"), "real")
+        return config
+    config = _check_fields(config, EXPORT_FIELDS, ("job",))
+    _finished_job(store, config["job"], ("distill",))
+    _data_name(config.get("test"), "test")
+    return config
+
+
+def _run_of(store, job_id: str) -> Path:
+    return store.job_dir(job_id.removeprefix("job:")) / "run"
+
+
+def command_for(store, job: dict, resume: bool = False) -> list[str]:
+    """The ``datafree`` command line of a job; its output folder is the job's ``run/``."""
+    kind, config, out = job["kind"], job["config"], store.job_dir(job["id"]) / "run"
+    argv = [sys.executable, "-m", "datafree.cli"]
+    if kind == "distill":
+        import yaml
+
+        values = {k: v for k, v in config.items() if k not in ("teacher", "preset")}
+        teacher = store.teacher(config["teacher"])
+        values["teacher"] = str(store.teacher_dir(teacher["id"]) / teacher["file"])
+        path = store.job_dir(job["id"]) / "config.yaml"
+        path.write_text(yaml.safe_dump(values))
+        argv += ["distill", "--config", str(path), "--out", str(out), "--no-progress"]
+        if config.get("preset"):
+            argv += ["--preset", config["preset"]]
+        if "eval_data" not in config:
+            argv += ["--no-eval"]
+        return argv + (["--resume"] if resume else [])
+    if kind == "condense":
+        source = config.get("source", "mnist")
+        argv += ["condense", "--source", str(_run_of(store, source)) if source.startswith("job:") else source,
+                 "--out", str(out), "--no-progress"]
+        for key, value in config.items():
+            if key == "source":
+                continue
+            flag = "--" + key.replace("_", "-")
+            argv += [flag] if value is True else [] if value is False else [flag, str(value)]
+        return argv + (["--resume"] if resume else [])
+    if kind == "evaluate":
+        out.mkdir(parents=True, exist_ok=True)
+        argv += ["evaluate-set", str(_run_of(store, config["job"])), "--out", str(out)]
+        for key in ("arch", "models", "epochs", "test"):
+            if key in config:
+                argv += ["--" + key, str(config[key])]
+        return argv
+    if kind == "audit":
+        out.mkdir(parents=True, exist_ok=True)
+        argv += ["audit", str(_run_of(store, config["job"])), "--out", str(out / "audit.json")]
+        return argv + (["--real", config["real"]] if config.get("real") else [])
+    argv += ["export", "student", str(_run_of(store, config["job"])), "--out", str(out)]
+    if config.get("int8"):
+        argv.append("--int8")
+    return argv + (["--test", config["test"]] if config.get("test") else [])
+
+
+def resumable(store, job: dict) -> bool:
+    """Whether a job killed mid-run left a checkpoint to continue from."""
+    run = store.job_dir(job["id"]) / "run"
+    if job["kind"] == "distill":
+        return (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    if job["kind"] == "condense":
+        return (run / "checkpoints" / "condense.pt").is_file()
+    return False

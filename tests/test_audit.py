@@ -1,0 +1,114 @@
+"""Privacy audit, report and handoff package."""
+import json
+
+import pytest
+import torch
+
+from conftest import TEACHERS
+from datafree.audit import audit_set
+from datafree.cli import main
+from datafree.data import ImageSet, load_dataset
+from datafree.export import load_image_set, save_image_set
+from datafree.teacher import load_teacher
+
+
+@pytest.fixture(scope="module")
+def real():
+    full = load_dataset("mnist", train=True)
+    return ImageSet(full.images[:6000], full.labels[:6000], full.spec, name="mnist")
+
+
+def _class_means(real: ImageSet, per_class: int = 3) -> ImageSet:
+    """Clearly synthetic images: averages of 40 random training digits of one class."""
+    g = torch.Generator().manual_seed(0)
+    images, labels = [], []
+    for c in range(10):
+        idx = torch.nonzero(real.labels == c).flatten()
+        for _ in range(per_class):
+            images.append(real.images[idx[torch.randperm(len(idx), generator=g)[:40]]].mean(0))
+            labels.append(c)
+    return ImageSet(torch.stack(images), torch.tensor(labels), real.spec, name="means")
+
+
+def test_audit_flags_planted_real_images_and_passes_clean_ones(real):
+    clean = _class_means(real)
+    report = audit_set(clean, real)
+    assert report["verdict"] == "pass" and report["pixel"]["near_copies"] == 0
+    assert report["pixel"]["threshold"] > 0 and report["pixel"]["nn1"]["min"] > report["pixel"]["threshold"]
+
+    planted_from = torch.tensor([5, 123, 4567])
+    noisy = real.images[planted_from] + 0.01 * torch.randn(3, 1, 28, 28)  # a copy survives slight noise
+    mixed = ImageSet(torch.cat([clean.images, noisy]), torch.cat([clean.labels, real.labels[planted_from]]), real.spec)
+    report = audit_set(mixed, real)
+    assert report["verdict"] == "fail"
+    assert report["pixel"]["near_copy_indices"] == [30, 31, 32]
+    assert report["pixel"]["nearest_real_index"] == planted_from.tolist()
+    assert report["pixel"]["ratio"]["min"] < 0.2
+
+
+def test_audit_in_teacher_feature_space_and_diversity(real):
+    teacher = load_teacher(TEACHERS / "mnist_lenet5.safetensors")
+    planted = ImageSet(torch.cat([_class_means(real).images, real.images[:2]]), torch.cat([_class_means(real).labels, real.labels[:2]]),
+                       real.spec)
+    report = audit_set(planted, real, teacher)
+    assert report["feature"]["near_copies"] >= 2 and {30, 31} <= set(report["feature"]["near_copy_indices"])
+    diversity = report["diversity"]["pixel"]
+    assert diversity["class_coverage"] == 1.0 and diversity["count"] == 32
+    assert sum(report["diversity"]["teacher_class_counts"]) == 32
+
+
+def test_audit_without_real_data_measures_diversity_only(real):
+    dupes = ImageSet(torch.cat([real.images[:5], real.images[:5]]), torch.cat([real.labels[:5]] * 2), real.spec)
+    report = audit_set(dupes, None)
+    assert report["real"] is None and "pixel" not in report
+    assert report["diversity"]["pixel"]["exact_duplicates"] == 10
+    assert report["diversity"]["pixel"]["class_coverage"] < 1.0
+
+
+def test_audit_command_updates_manifest_and_report(real, tmp_path, capsys):
+    folder = tmp_path / "set"
+    leaked = ImageSet(torch.cat([_class_means(real).images, real.images[:1]]), torch.cat([_class_means(real).labels, real.labels[:1]]),
+                      real.spec)
+    save_image_set(folder, leaked.images, leaked.labels, real.spec, {"method": "test", "ipc": 3, "source": {"name": "mnist"}})
+    assert main(["audit", str(folder), "--real", "mnist", "--strict"]) == 1
+    assert "fail: 1 near-copies" in capsys.readouterr().out
+    audit = json.loads((folder / "audit.json").read_text())
+    assert audit["pixel"]["near_copies"] == 1
+    _, _, manifest = load_image_set(folder)
+    assert manifest["audit"]["verdict"] == "fail"
+    assert "Privacy audit" in (folder / "report.html").read_text() and (folder / "report" / "grid.png").is_file()
+
+
+def test_audit_refuses_mismatched_sizes(real):
+    from datafree.data import InputSpec
+    from datafree.errors import UserError
+
+    small = ImageSet(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]), InputSpec(1, 8, (0.0,), (1.0,), [str(i) for i in range(10)]))
+    with pytest.raises(UserError, match="1x8x8"):
+        audit_set(small, real)
+
+
+def test_export_student_handoff_package(tmp_path, capsys):
+    from datafree.config import resolve_distill_config
+    from datafree.distill import run_distill
+
+    cfg = resolve_distill_config("dfq", overrides={
+        "teacher": str(TEACHERS / "mnist_lenet5.safetensors"), "out": str(tmp_path / "run"), "steps": 3, "batch_size": 32,
+        "student_batch": 32, "student_steps": 2, "pool_size": 128, "eval_every": 3, "checkpoint_every": 3, "grid_every": 3,
+        "holdout_every": 2, "generator_kwargs": {"latent_dim": 16, "width": 8}})
+    run_distill(cfg, progress=False)
+    assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report" / "losses.png").is_file()
+    out = tmp_path / "handoff"
+    assert main(["export", "student", str(tmp_path / "run"), "--out", str(out), "--int8", "--test", "mnist"]) == 0
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["architecture"] == "lenet5_half" and card["parameters"] > 0
+    assert 0 <= card["accuracy"]["test_accuracy"] <= 100 and 0 <= card["accuracy"]["teacher_agreement"] <= 100
+    assert card["latency_ms"]["batch_1"] > 0 and card["latency_ms"]["batch_64"] > 0
+    assert card["int8"]["size_bytes"] < card["int8"]["float_size_bytes"]
+    assert "MODEL_CARD" not in card["load"] and "torch.export.load" in (out / "MODEL_CARD.md").read_text()
+    images = torch.rand(3, 1, 28, 28)
+    scope = {"images": images}
+    exec(card["load"].replace("student.pt2", str(out / "student.pt2")), scope)  # the documented snippet works as written
+    assert scope["probabilities"].shape == (3, 10)
+    assert main(["export", "student", str(tmp_path / "run"), "--out", str(out)]) == 2  # nothing overwritten
+    assert "not empty" in capsys.readouterr().err

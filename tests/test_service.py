@@ -1,0 +1,256 @@
+"""The HTTP job service, against live servers on 127.0.0.1 started by these tests (httpx as the client)."""
+import concurrent.futures
+import hashlib
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import TEACHERS
+
+TOKEN = "test-token-1234"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TINY_DISTILL = {"preset": "dfq", "batch_size": 32, "student_batch": 32, "student_steps": 2, "pool_size": 256,
+                "eval_every": 5, "checkpoint_every": 5, "grid_every": 50, "holdout_every": 5,
+                "generator_kwargs": {"latent_dim": 16, "width": 8}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store: Path, *extra: str):
+        self.store, self.port = store, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, DATAFREE_TOKEN=TOKEN)
+        self.log = open(store.parent / f"server-{self.port}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "datafree.cli", "serve", "--port", str(self.port), "--store", str(store),
+                                      *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(store.parent / f'server-{self.port}.log').read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.client = httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
+
+    def stop(self, sig=signal.SIGTERM):
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("svc") / "store", "--max-upload-mb", "2")
+    yield s
+    s.stop()
+
+
+def _upload(client, path: Path, card: Path | None = None):
+    files = {"file": (path.name, path.read_bytes())}
+    if card is not None:
+        files["card"] = (card.name, card.read_bytes())
+    return client.post("/v1/teachers", files=files, data={"name": path.stem})
+
+
+@pytest.fixture(scope="module")
+def teacher_id(server):
+    r = _upload(server.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json")
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def _wait(client, job_id, states=("succeeded", "failed", "cancelled", "interrupted"), timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
+
+
+def test_health_needs_no_token_but_everything_else_does(server):
+    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server.url + "/v1/jobs").status_code == 401
+    assert httpx.get(server.url + "/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(server.url + "/openapi.json", headers=AUTH).json()["info"]["title"] == "datafree"
+
+
+def test_token_is_stored_hashed(server):
+    db = sqlite3.connect(server.store / "datafree.db")
+    hashes = [r[0] for r in db.execute("SELECT hash FROM tokens")]
+    assert hashlib.sha256(TOKEN.encode()).hexdigest() in hashes and TOKEN not in hashes
+
+
+def test_upload_and_list_teachers(server, teacher_id):
+    listed = server.client.get("/v1/teachers").json()
+    mine = next(t for t in listed if t["id"] == teacher_id)
+    assert mine["format"] == "safetensors" and mine["info"]["arch"] == "lenet5" and mine["info"]["input"] == "1x28x28"
+    assert "path" not in json.dumps(listed) and str(server.store) not in json.dumps(listed)
+
+
+def test_bad_uploads(server, tmp_path):
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    r = _upload(server.client, evil)
+    assert r.status_code == 400 and "pickle" in r.json()["detail"]
+    torch.save({"w": torch.zeros(3)}, tmp_path / "zip_pickle.pt")
+    assert _upload(server.client, tmp_path / "zip_pickle.pt").status_code == 400
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    r = _upload(server.client, big)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model at all")
+    r = _upload(server.client, junk)
+    assert r.status_code == 400 and str(tmp_path) not in r.text and str(server.store) not in r.text
+
+
+def test_malformed_job_requests_name_the_field(server, teacher_id):
+    r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "stepz": 5}})
+    assert r.status_code == 422 and "stepz" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "steps": "many"}})
+    assert r.status_code == 422 and "steps" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": "nope"}})
+    assert r.status_code == 422 and "teacher" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "out": "/etc"}})
+    assert r.status_code == 422 and "out" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "../../etc", "ipc": 1}})
+    assert r.status_code == 422 and "source" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "mine-bitcoin", "config": {}})
+    assert r.status_code == 422 and "kind" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    assert server.client.get("/v1/jobs/doesnotexist").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def finished_distill(server, teacher_id):
+    r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "steps": 12, **TINY_DISTILL}})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    events = []
+    with server.client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return job_id, events
+
+
+def test_distill_job_end_to_end(server, finished_distill, tmp_path):
+    job_id, events = finished_distill
+    assert events[-1] == {"state": "succeeded"}, events[-3:]
+    progress = [e["progress"] for e in events if "progress" in e]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    job = server.client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "succeeded" and job["progress"] == 1.0
+    names = {a["name"] for a in server.client.get(f"/v1/jobs/{job_id}/artifacts").json()}
+    assert {"student.safetensors", "student.json", "student.pt2", "transfer.safetensors", "report.html"} <= names
+    assert not any("checkpoints" in n for n in names)
+    for name in ("student.safetensors", "student.json", "student.pt2"):
+        r = server.client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
+        assert r.status_code == 200
+        (tmp_path / name).write_bytes(r.content)
+    from datafree.teacher import load_model
+
+    model, card = load_model(tmp_path / "student.safetensors")
+    program = torch.export.load(str(tmp_path / "student.pt2")).module()
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(program(x).argmax(1), model((x - 0.1307) / 0.3081).argmax(1))
+
+
+def test_artifact_names_cannot_escape(server, finished_distill):
+    job_id, _ = finished_distill
+    for name in ("../../datafree.db", "..%2F..%2Fdatafree.db", "checkpoints/last.ckpt", "/etc/passwd"):
+        r = server.client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
+        assert r.status_code in (400, 404), (name, r.status_code)
+        assert b"SQLite" not in r.content and b"root:" not in r.content
+
+
+def test_derived_jobs_audit_export_condense(server, finished_distill):
+    distill_id, _ = finished_distill
+    audit = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id}}).json()
+    export = server.client.post("/v1/jobs", json={"kind": "export", "config": {"job": distill_id}}).json()
+    condense = server.client.post("/v1/jobs", json={"kind": "condense", "config": {
+        "source": f"job:{distill_id}", "ipc": 1, "method": "dm", "steps": 2, "net_width": 8, "real_per_class": 4}}).json()
+    for job in (audit, export, condense):
+        assert _wait(server.client, job["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{job['id']}").json()
+    report = server.client.get(f"/v1/jobs/{audit['id']}/artifacts/audit.json").json()
+    assert report["schema"] == "datafree-audit/1"
+    card = server.client.get(f"/v1/jobs/{export['id']}/artifacts/model_card.json").json()
+    assert card["latency_ms"]["batch_1"] > 0
+    import zipfile
+
+    z = zipfile.ZipFile(io.BytesIO(server.client.get(f"/v1/jobs/{condense['id']}/artifacts/condensed.zip").content))
+    assert {"dataset.safetensors", "manifest.json", "train/metadata.jsonl"} <= set(z.namelist())
+    assert server.client.post(f"/v1/jobs/{audit['id']}/cancel").status_code == 409
+
+
+def test_concurrent_status_requests_while_a_job_runs(server, teacher_id):
+    job = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "steps": 400, **TINY_DISTILL}}).json()
+    _wait(server.client, job["id"], states=("running",), timeout=60)
+
+    def status(_):
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as c:
+            return c.get(f"/v1/jobs/{job['id']}").status_code
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        codes = list(pool.map(status, range(50)))
+    assert codes == [200] * 50
+    r = server.client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200
+    assert _wait(server.client, job["id"])["state"] == "cancelled"
+
+
+def test_sigkill_mid_job_then_restart_resumes_and_keeps_everything(tmp_path):
+    store = tmp_path / "store"
+    first = Server(store)
+    tid = _upload(first.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json").json()["id"]
+    done = first.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": tid, "steps": 4, **TINY_DISTILL}}).json()
+    assert _wait(first.client, done["id"])["state"] == "succeeded"
+    kept = {p: p.read_bytes() for p in (store / "jobs" / done["id"] / "run").rglob("*") if p.is_file()}
+    job = first.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": tid, "steps": 60, **TINY_DISTILL}}).json()
+    checkpoint = store / "jobs" / job["id"] / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.is_file()
+    with pytest.raises(RuntimeError, match="another datafree server"):
+        Server(store)  # a second server on the same store refuses to start
+    first.stop(signal.SIGKILL)
+    time.sleep(1)
+    worker_alive = subprocess.run(["pgrep", "-f", f"jobs/{job['id']}"], capture_output=True).returncode == 0
+    assert not worker_alive  # the worker died with the server
+    assert sqlite3.connect(store / "datafree.db").execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    second = Server(store)
+    try:
+        resumed = _wait(second.client, job["id"])
+        assert resumed["state"] == "succeeded" and resumed["attempts"] == 2 and "resumed" in resumed["note"]
+        summary = second.client.get(f"/v1/jobs/{job['id']}/artifacts/summary.json").json()
+        assert summary["steps"] == 60
+        assert {p: p.read_bytes() for p in kept} == kept  # the finished job's artifacts are untouched
+        assert second.client.get(f"/v1/jobs/{done['id']}").json()["state"] == "succeeded"
+    finally:
+        second.stop()
