@@ -61,24 +61,31 @@ def _stats(values: np.ndarray) -> dict:
             "mean": float(values.mean()), "max": float(values.max())}
 
 
-def nearest_other(rows: np.ndarray, index, k: int = 2) -> np.ndarray:
-    """Distance from each row to its nearest neighbour in ``index`` other than itself (rows are in the index)."""
-    d, i = index.search(np.ascontiguousarray(rows), k)
-    d = np.sqrt(np.maximum(d, 0))
-    self_hit = d[:, 0] <= 1e-6  # the row itself (or an exact duplicate, which counts as distance 0 once)
-    return np.where(self_hit, d[:, 1], d[:, 0])
+def search(index, base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours: faiss finds them, the distances are recomputed directly
+    (faiss's ``|x|^2 + |y|^2 - 2xy`` leaves an error of ~1e-3 that would hide exact copies)."""
+    _, ids = index.search(np.ascontiguousarray(queries), k)
+    dist = np.linalg.norm(base[ids] - queries[:, None, :], axis=2)
+    order = np.argsort(dist, axis=1, kind="stable")
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def nearest_other(rows: np.ndarray, positions: np.ndarray, index, base: np.ndarray) -> np.ndarray:
+    """Distance from each row (at ``positions`` in ``base``) to its nearest neighbour other than itself."""
+    dist, ids = search(index, base, rows, 2)
+    return np.where(ids[:, 0] == positions, dist[:, 1], dist[:, 0])
 
 
 def _leakage(syn: np.ndarray, real: np.ndarray, quantile: float, calibration: int, rng: np.random.Generator) -> dict:
     index = _index(real)
-    d, i = index.search(np.ascontiguousarray(syn), 2)
-    d = np.sqrt(np.maximum(d, 0))
+    d, i = search(index, real, syn, 2)
     nn1, nn2 = d[:, 0], d[:, 1]
     ratio = nn1 / np.maximum(nn2, 1e-12)
     sample = rng.choice(len(real), size=min(calibration, len(real)), replace=False)
-    real_to_real = nearest_other(real[sample], index)
-    # the nearest *distinct* real image; exact duplicates inside the real set would make the threshold 0
-    threshold = float(np.quantile(real_to_real[real_to_real > 1e-6], quantile)) if (real_to_real > 1e-6).any() else 0.0
+    real_to_real = nearest_other(real[sample], sample, index, real)
+    # the nearest *distinct* real image: exact duplicates inside the real set would make the threshold 0
+    distinct = real_to_real[real_to_real > 0]
+    threshold = float(np.quantile(distinct, quantile)) if len(distinct) else 0.0
     flagged = np.flatnonzero(nn1 < threshold)
     return {"threshold": threshold, "threshold_rule": f"{quantile:g} quantile of real-to-real nearest-neighbour distances "
             f"({len(sample)} real images)", "near_copies": int(len(flagged)),
@@ -90,9 +97,8 @@ def _diversity(syn: np.ndarray, labels: torch.Tensor, num_classes: int) -> dict:
     counts = torch.bincount(labels, minlength=num_classes).double()
     p = counts / counts.sum().clamp_min(1)
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    within = nearest_other(syn, _index(syn)) if len(syn) > 1 else np.zeros(0)
-    d, _ = _index(syn).search(np.ascontiguousarray(syn), min(2, len(syn)))
-    duplicates = int((np.sqrt(np.maximum(d[:, 1], 0)) <= 1e-6).sum()) if len(syn) > 1 else 0
+    within = nearest_other(syn, np.arange(len(syn)), _index(syn), syn) if len(syn) > 1 else np.zeros(0)
+    duplicates = int((within == 0).sum())
     return {"count": len(syn), "class_counts": counts.long().tolist(), "class_coverage": float((counts > 0).double().mean()),
             "class_balance": entropy / math.log(num_classes) if num_classes > 1 else 1.0,
             "within_set_nn": _stats(within), "exact_duplicates": duplicates}

@@ -54,9 +54,14 @@ def measure_latency(model: torch.nn.Module, shape: tuple, batch: int, repeats: i
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Post-training dynamic int8 quantisation of the linear layers (weights int8, activations on the fly)."""
-    from torch.ao.quantization import quantize_dynamic
+    import copy
+    import warnings
 
-    return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (not a dependency here)
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _size_bytes(model: torch.nn.Module) -> int:
@@ -138,8 +143,12 @@ def _int8_variant(model, spec, out: Path, test, teacher, shape) -> dict:
     quantized = quantize_int8(model)
     wrapped = PixelModel(quantized, spec).eval()
     try:
-        scripted = torch.jit.trace(wrapped, torch.rand(2, *shape))
-        torch.jit.save(scripted, str(out / "student_int8.ts"))
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scripted = torch.jit.trace(wrapped, torch.rand(2, *shape))
+            torch.jit.save(scripted, str(out / "student_int8.ts"))
         saved = "student_int8.ts (TorchScript; torch.jit.load)"
     except Exception as e:  # quantised ops that TorchScript cannot trace on this build
         saved = f"not saved ({type(e).__name__})"

@@ -157,3 +157,98 @@ def test_evaluate_set_command_line(tmp_path, capsys):
     assert "+-" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["evaluations"][0]["protocol"]["models"] == 2
+
+
+def test_huggingface_datasets_reads_the_folder(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    images, labels = tiny_mnist.images[::4], tiny_mnist.labels[::4]
+    save_image_set(tmp_path / "set", images, labels, tiny_mnist.spec, {"method": "random", "ipc": 5})
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "set" / "train"), split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    assert len(ds) == len(labels) and ds.features["label"].num_classes == 10 if hasattr(ds.features["label"], "num_classes") else True
+    from torchvision.transforms.functional import pil_to_tensor
+
+    # metadata.jsonl lists the files in index order, and HF keeps that order: images and labels match exactly
+    pixels = torch.stack([pil_to_tensor(r["image"].convert("L")).float() / 255 for r in ds])
+    assert torch.allclose(pixels, tiny_mnist.spec.denormalize(images).clamp(0, 1), atol=1 / 255)
+    assert [r["label"] for r in ds] == labels.tolist()
+
+
+def test_resumed_condensation_equals_an_uninterrupted_one(tiny_mnist, tmp_path):
+    kwargs = dict(iterations=4, net_width=8, real_per_class=8, outer_loop=2, inner_loop=2)
+    whole = condense(tiny_mnist, "dsa", 2, seed=3, **kwargs)
+    ckpt = tmp_path / "c.pt"
+    part = condense(tiny_mnist, "dsa", 2, seed=3, checkpoint=ckpt, **dict(kwargs, iterations=2))
+    assert len(part.history) == 2 and ckpt.is_file()
+    resumed = condense(tiny_mnist, "dsa", 2, seed=3, checkpoint=ckpt, resume=True, **kwargs)
+    assert torch.equal(resumed.images, whole.images)
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    with pytest.raises(UserError, match="ipc"):
+        condense(tiny_mnist, "dsa", 3, seed=3, checkpoint=ckpt, resume=True, **kwargs)
+    with pytest.raises(UserError, match="nothing to resume"):
+        condense(tiny_mnist, "dsa", 2, seed=3, checkpoint=tmp_path / "none.pt", resume=True, **kwargs)
+
+
+def test_ctrl_c_keeps_the_last_finished_iteration(tiny_mnist, tmp_path):
+    ckpt = tmp_path / "c.pt"
+
+    def interrupt(done, total, record):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        condense(tiny_mnist, "dm", 1, iterations=5, net_width=8, real_per_class=4, checkpoint=ckpt, progress=interrupt)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["iteration"] == 2
+
+
+def test_time_budget_is_checked_inside_an_iteration(tiny_mnist):
+    import time
+
+    started = time.monotonic()
+    result = condense(tiny_mnist, "dc", 2, iterations=1000, net_width=8, real_per_class=8, outer_loop=1000, inner_loop=1,
+                      time_budget=1.0)
+    assert time.monotonic() - started < 10 and len(result.history) == 1  # one long iteration cut short
+
+
+def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tmp_path, capsys):
+    from conftest import TEACHERS
+    from datafree.config import resolve_distill_config
+    from datafree.data import no_real_data
+    from datafree.distill import run_distill
+
+    cfg = resolve_distill_config("dfq", overrides={
+        "teacher": str(TEACHERS / "mnist_lenet5.safetensors"), "out": str(tmp_path / "run"), "steps": 4, "batch_size": 64,
+        "student_batch": 32, "student_steps": 1, "pool_size": 256, "eval_every": 4, "checkpoint_every": 4, "grid_every": 4,
+        "holdout_every": 100, "generator_kwargs": {"latent_dim": 16, "width": 8}})
+    run_distill(cfg, progress=False)
+    with no_real_data():  # any attempt to load a real data set inside would raise
+        assert main(["condense", "--source", str(tmp_path / "run"), "--ipc", "1", "--method", "dm", "--steps", "2",
+                     "--net-width", "8", "--real-per-class", "4", "--soft-labels", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    back, soft, manifest = load_image_set(tmp_path / "c")
+    assert manifest["source"]["kind"].startswith("transfer set") and manifest["teacher_sha256"]
+    assert soft.shape == (len(back), 10) and torch.allclose(soft.sum(1), torch.ones(len(back)), atol=1e-5)
+    assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "history.jsonl").is_file()
+
+
+def test_condense_command_line_bad_input(tmp_path, capsys):
+    from PIL import Image
+
+    mixed = tmp_path / "mixed"
+    for i, size in enumerate((8, 8, 9)):
+        (mixed / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (size, size)).save(mixed / str(i % 2) / f"{i}.png")
+    assert main(["condense", "--source", str(mixed), "--ipc", "1", "--out", str(tmp_path / "o1")]) == 2
+    assert "differ in size" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # an output folder that cannot be made (works as root too)
+    assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "random", "--out", str(tmp_path / "a_file" / "x")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["condense", "--source", "mnist", "--ipc", "7000", "--method", "random", "--out", str(tmp_path / "o2")]) == 2
+    assert "more than class" in capsys.readouterr().err
+    assert main(["condense", "--source", "mnist", "--ipc", "1", "--resume", "--out", str(tmp_path / "o3")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main(["condense", "--source", "mnist", "--ipc", "1", "--soft-labels", "--out", str(tmp_path / "o4")]) == 2
+    assert "distill run" in capsys.readouterr().err

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -41,12 +42,12 @@ class JobRequest(BaseModel):
     config: dict = {}
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class LimitBody:
-    """ASGI middleware: refuse request bodies over the limit (413), by header and by counting bytes."""
+    """ASGI middleware: refuse request bodies over the limit (413), by header and by counting bytes.
+
+    Past the limit the application sees the client disconnect, and whatever it answers is replaced
+    by the 413, so an oversized upload is never written out whole.
+    """
 
     def __init__(self, app, max_upload: int, max_json: int):
         self.app, self.max_upload, self.max_json = app, max_upload, max_json
@@ -55,31 +56,38 @@ class LimitBody:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.max_upload if scope["path"].rstrip("/") == "/v1/teachers" else self.max_json
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _too_large(send, limit)
-        seen = 0
+        seen, exceeded, answered = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise BodyTooLarge
+                exceeded = True
+                return {"type": "http.disconnect"}
             return message
 
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def guarded_send(message):
+            nonlocal answered
+            if exceeded:
+                if not answered:
+                    answered = True
+                    await _too_large(send, limit)
+                return
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counted, tracking_send)
-        except BodyTooLarge:
-            if not started:
+            await self.app(scope, counted, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+            if not answered:
                 await _too_large(send, limit)
 
 
@@ -107,17 +115,16 @@ def public_job(store, job: dict) -> dict:
 def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: int = 256, start_workers: bool = True) -> FastAPI:
     """The application over ``store``; starts the worker supervisor unless ``start_workers`` is False."""
     supervisor = Supervisor(store, workers)
-    app = FastAPI(title="datafree", version="1", description="Data-free distillation and condensation jobs.")
-    app.state.supervisor = supervisor
 
-    @app.on_event("startup")
-    def _start():
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
         if start_workers:
             supervisor.start()
-
-    @app.on_event("shutdown")
-    def _stop():
+        yield
         supervisor.stop()
+
+    app = FastAPI(title="datafree", version="1", description="Data-free distillation and condensation jobs.", lifespan=lifespan)
+    app.state.supervisor = supervisor
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
