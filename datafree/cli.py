@@ -198,8 +198,13 @@ def cmd_condense(args) -> int:
     for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
         if getattr(args, name):
             extra[name] = getattr(args, name)
-    result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, checkpoint=checkpoint,
-                      resume=args.resume, **extra)
+    import contextlib
+
+    from datafree.data import no_real_data
+
+    with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
+        result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, checkpoint=checkpoint,
+                          resume=args.resume, **extra)
     bar.close()
     soft = None
     if teacher is not None:

@@ -214,24 +214,34 @@ def test_time_budget_is_checked_inside_an_iteration(tiny_mnist):
     assert time.monotonic() - started < 10 and len(result.history) == 1  # one long iteration cut short
 
 
-def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tmp_path, capsys):
+def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist, tmp_path, capsys):
+    """A folder in the distill run's format (what ``datafree distill`` writes); its images here are
+    class-balanced stand-ins so that every class has one, labelled by the shipped teacher."""
     from conftest import TEACHERS
-    from datafree.config import resolve_distill_config
     from datafree.data import no_real_data
-    from datafree.distill import run_distill
+    from datafree.io import save_tensors, sha256_file, write_json
+    from datafree.teacher import load_teacher
+    from datafree.training import predict
 
-    cfg = resolve_distill_config("dfq", overrides={
-        "teacher": str(TEACHERS / "mnist_lenet5.safetensors"), "out": str(tmp_path / "run"), "steps": 4, "batch_size": 64,
-        "student_batch": 32, "student_steps": 1, "pool_size": 256, "eval_every": 4, "checkpoint_every": 4, "grid_every": 4,
-        "holdout_every": 100, "generator_kwargs": {"latent_dim": 16, "width": 8}})
-    run_distill(cfg, progress=False)
-    with no_real_data():  # any attempt to load a real data set inside would raise
-        assert main(["condense", "--source", str(tmp_path / "run"), "--ipc", "1", "--method", "dm", "--steps", "2",
+    teacher_path = TEACHERS / "mnist_lenet5.safetensors"
+    teacher = load_teacher(teacher_path)
+    logits = predict(teacher, tiny_mnist.images)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tensors(run / "transfer.safetensors", {"images": tiny_mnist.images, "teacher_logits": logits, "labels": logits.argmax(1)})
+    write_json(run / "manifest.json", {"schema": "datafree-transfer/1", "input_spec": teacher.spec.to_dict(),
+                                       "teacher_sha256": sha256_file(teacher_path)})
+    (run / "config.yaml").write_text(f"teacher: {teacher_path}\n")
+    with no_real_data("the test"):  # any attempt to load a real data set inside would raise
+        assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "dm", "--steps", "2",
                      "--net-width", "8", "--real-per-class", "4", "--soft-labels", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     back, soft, manifest = load_image_set(tmp_path / "c")
-    assert manifest["source"]["kind"].startswith("transfer set") and manifest["teacher_sha256"]
+    assert manifest["source"]["kind"].startswith("transfer set") and manifest["teacher_sha256"] == sha256_file(teacher_path)
     assert soft.shape == (len(back), 10) and torch.allclose(soft.sum(1), torch.ones(len(back)), atol=1e-5)
     assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "history.jsonl").is_file()
+    (run / "config.yaml").write_text("teacher: /nowhere/teacher.safetensors\n")
+    assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--out", str(tmp_path / "d")]) == 2
+    assert "soft labels need the run's teacher" in capsys.readouterr().err
 
 
 def test_condense_command_line_bad_input(tmp_path, capsys):
