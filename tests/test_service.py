@@ -193,7 +193,9 @@ def test_derived_jobs_audit_export_condense(server, finished_distill):
     audit = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id}}).json()
     export = server.client.post("/v1/jobs", json={"kind": "export", "config": {"job": distill_id}}).json()
     condense = server.client.post("/v1/jobs", json={"kind": "condense", "config": {
-        "source": f"job:{distill_id}", "ipc": 1, "method": "dm", "steps": 2, "net_width": 8, "real_per_class": 4}}).json()
+        "source": "mnist", "ipc": 1, "method": "dm", "steps": 2, "net_width": 8, "real_per_class": 4}}).json()
+    r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "job:0123456789ab", "ipc": 1}})
+    assert r.status_code == 422 and "source" in r.json()["detail"]
     for job in (audit, export, condense):
         assert _wait(server.client, job["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{job['id']}").json()
     report = server.client.get(f"/v1/jobs/{audit['id']}/artifacts/audit.json").json()
