@@ -90,7 +90,7 @@ def main():
 def write_results(args, rows):
     out = Path(args.out)
     old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
-    key = lambda r: (r["dataset"], r["ipc"], r["method"])  # noqa: E731
+    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"))  # noqa: E731
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",

@@ -207,6 +207,11 @@ def test_derived_jobs_audit_export_condense(server, finished_distill):
     z = zipfile.ZipFile(io.BytesIO(server.client.get(f"/v1/jobs/{condense['id']}/artifacts/condensed.zip").content))
     assert {"dataset.safetensors", "manifest.json", "train/metadata.jsonl"} <= set(z.namelist())
     assert server.client.post(f"/v1/jobs/{audit['id']}/cancel").status_code == 409
+    evaluate = server.client.post("/v1/jobs", json={"kind": "evaluate", "config": {
+        "job": condense["id"], "arch": "lenet5", "models": 1, "epochs": 2}}).json()
+    assert _wait(server.client, evaluate["id"])["state"] == "succeeded"
+    result = server.client.get(f"/v1/jobs/{evaluate['id']}/artifacts/evaluation.json").json()
+    assert 0 <= result["mean"] <= 100 and result["protocol"]["arch"] == "lenet5"
 
 
 def test_concurrent_status_requests_while_a_job_runs(server, teacher_id):
