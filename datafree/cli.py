@@ -4,6 +4,11 @@
     datafree teacher inspect assets/teachers/mnist_lenet5.safetensors
     datafree teacher export assets/teachers/mnist_lenet5.safetensors --to model.pt2
     datafree distill                      # the shipped MNIST teacher -> lenet5_half
+    datafree condense --source mnist --ipc 10 --method dsa --time-budget 15m --out runs/mnist-ipc10
+    datafree evaluate-set runs/mnist-ipc10 --models 3
+    datafree audit runs/mnist-ipc10 --real mnist
+    datafree export student runs/distill --out handoff --int8
+    datafree serve --store datafree-store
 
 A user's mistake ends in one sentence on stderr and exit status 2; a bug keeps its traceback.
 """

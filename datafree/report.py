@@ -81,8 +81,9 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, spec, path: Path, per
     rows = []
     for c in range(spec.num_classes):
         chosen = images[labels == c][:per_class]
-        row = torch.zeros(per_class, *images.shape[1:])
-        row[: len(chosen)] = spec.denormalize(chosen).clamp(0, 1) if len(chosen) else row[:0]
+        row = torch.zeros(per_class, *images.shape[1:])  # black where a class has fewer images
+        if len(chosen):
+            row[: len(chosen)] = spec.denormalize(chosen).clamp(0, 1)
         rows.append(row)
     save_image(torch.cat(rows), path, nrow=per_class, padding=1)
     return path.name
