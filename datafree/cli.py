@@ -15,6 +15,7 @@ A user's mistake ends in one sentence on stderr and exit status 2; a bug keeps i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -180,7 +181,10 @@ def cmd_condense(args) -> int:
         if args.soft_labels:
             raise UserError("--soft-labels needs a distill run folder as --source (the teacher labels the images)")
         source = load_dataset(args.source, train=True, data_dir=args.data_dir)
-        source_info = {"name": source.name, "kind": "real data", "count": len(source)}
+        digest = hashlib.sha256(source.images.numpy().tobytes())
+        digest.update(source.labels.numpy().tobytes())
+        source_info = {"name": source.name, "kind": "real data", "count": len(source),
+                       "sha256": digest.hexdigest(), "sha256_of": "the normalised float32 images, then the int64 labels"}
     teacher = _teacher_of_run(source_path)[0] if args.soft_labels else None  # checked before hours of work
     checkpoint = Path(args.out) / "checkpoints" / "condense.pt"
     if args.resume:

@@ -145,6 +145,7 @@ def test_condense_command_line(tmp_path, capsys):
                  "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     back, _, manifest = load_image_set(tmp_path / "c")
     assert len(back) == 10 and manifest["method"] == "herding" and manifest["source"]["kind"] == "real data"
+    assert len(manifest["source"]["sha256"]) == 64
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--out", str(tmp_path / "c")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["condense", "--source", "mnist", "--method", "nope", "--out", str(tmp_path / "d")]) == 2
