@@ -161,14 +161,17 @@ def _teacher_of_run(run_dir: Path):
 
 
 def cmd_condense(args) -> int:
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from datafree.condense import condense
     from datafree.config import parse_duration
-    from datafree.data import load_dataset, load_transfer_set
+    from datafree.data import load_dataset, load_transfer_set, no_real_data
     from datafree.export import save_image_set
-    from datafree.io import check_writable_dir, sha256_file
+    from datafree.io import check_writable_dir, sha256_file, write_text
     from datafree.progress import ProgressFile
+    from datafree.report import write_report
 
     source_path = Path(args.source)
     data_free = (source_path / "transfer.safetensors").is_file()
@@ -207,10 +210,6 @@ def cmd_condense(args) -> int:
     for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
         if getattr(args, name):
             extra[name] = getattr(args, name)
-    import contextlib
-
-    from datafree.data import no_real_data
-
     with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
         result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, checkpoint=checkpoint,
                           resume=args.resume, **extra)
@@ -235,9 +234,6 @@ def cmd_condense(args) -> int:
             condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
             manifest["evaluation"] = evaluate_set(condensed, test, models=args.evaluate, epochs=args.epochs)
     save_image_set(out, result.images, result.labels, source.spec, manifest, soft)
-    from datafree.io import write_text
-    from datafree.report import write_report
-
     write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
     write_report(out)
     print(json.dumps({"out": str(out), "images": len(result.labels), "iterations": len(result.history),
