@@ -24,6 +24,7 @@ import torch
 
 from datafree.data import ImageSet
 from datafree.errors import UserError
+from datafree.training import predict
 
 SCHEMA = "datafree-audit/1"
 
@@ -121,7 +122,7 @@ def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, q
               "diversity": {"pixel": _diversity(syn_px, synthetic.labels, synthetic.spec.num_classes)}}
     if teacher is not None:
         report["diversity"]["teacher_class_counts"] = torch.bincount(
-            _predict(teacher, _in_teacher_space(teacher, synthetic)).argmax(1), minlength=synthetic.spec.num_classes).tolist()
+            predict(teacher, _in_teacher_space(teacher, synthetic)).argmax(1), minlength=synthetic.spec.num_classes).tolist()
     if real is None:
         report.update(real=None, verdict="diversity only (no real data given)")
         return report
@@ -136,8 +137,3 @@ def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, q
     report["verdict"] = "pass" if copies == 0 else "fail"
     return report
 
-
-def _predict(teacher, images: torch.Tensor) -> torch.Tensor:
-    from datafree.training import predict
-
-    return predict(teacher, images)

@@ -54,14 +54,13 @@ def measure_latency(model: torch.nn.Module, shape: tuple, batch: int, repeats: i
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Post-training dynamic int8 quantisation of the linear layers (weights int8, activations on the fly)."""
-    import copy
     import warnings
 
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao (not a dependency here)
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic
 
-        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model.eval(), {torch.nn.Linear}, dtype=torch.qint8)  # returns a copy
 
 
 def _size_bytes(model: torch.nn.Module) -> int:
@@ -72,16 +71,15 @@ def _size_bytes(model: torch.nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _accuracy_and_agreement(model, test: ImageSet | None, teacher) -> dict:
+def _accuracy_and_agreement(model, test: ImageSet | None, teacher_logits: torch.Tensor | None) -> dict:
+    from datafree.student import agreement
+    from datafree.training import accuracy
+
     if test is None:
         return {}
-    from datafree.training import predict
-
-    pred = predict(model, test.images).argmax(1)
-    result = {"test_accuracy": round(100 * (pred == test.labels).double().mean().item(), 2), "test_set": test.name}
-    if teacher is not None:
-        teacher_pred = predict(teacher, teacher.spec.normalize(test.spec.denormalize(test.images))).argmax(1)
-        result["teacher_agreement"] = round(100 * (pred == teacher_pred).double().mean().item(), 2)
+    result = {"test_accuracy": round(accuracy(model, test), 2), "test_set": test.name}
+    if teacher_logits is not None:
+        result["teacher_agreement"] = round(agreement(model, test.images, teacher_logits), 2)
     return result
 
 
@@ -112,15 +110,20 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         shutil.copyfile(run / name, out / name)
     export_program(model, spec, out / "student.pt2", card)
     shape = (spec.channels, spec.size, spec.size)
-    measured = _accuracy_and_agreement(model, test, teacher)
+    teacher_logits = None
+    if test is not None and teacher is not None:  # once, for the float and the int8 model
+        from datafree.training import predict
+
+        teacher_logits = predict(teacher, teacher.spec.normalize(test.spec.denormalize(test.images)))
+    measured = _accuracy_and_agreement(model, test, teacher_logits)
+    pixel_model = PixelModel(model, spec).eval()
     model_card = {
         "schema": "datafree-model-card/1", "architecture": card["arch"], "arch_kwargs": card.get("arch_kwargs", {}),
         "parameters": sum(p.numel() for p in model.parameters()), "size_bytes": (out / "student.safetensors").stat().st_size,
         "input": f"N x {spec.describe()} floats in [0, 1] for student.pt2 (normalisation inside); "
                  f"normalised by mean {list(spec.mean)}, std {list(spec.std)} for student.safetensors",
         "classes": spec.class_names,
-        "latency_ms": {"batch_1": measure_latency(PixelModel(model, spec).eval(), shape, 1),
-                       "batch_64": measure_latency(PixelModel(model, spec).eval(), shape, 64),
+        "latency_ms": {"batch_1": measure_latency(pixel_model, shape, 1), "batch_64": measure_latency(pixel_model, shape, 64),
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"},
         "accuracy": measured or {k: summary.get(k) for k in ("student_test_accuracy", "student_teacher_agreement_on_test")},
         "training": {"method": "data-free knowledge distillation (datafree distill): no real data seen in training",
@@ -131,13 +134,13 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         "load": LOAD_SNIPPET.format(shape=spec.describe()),
     }
     if int8:
-        model_card["int8"] = _int8_variant(model, spec, out, test, teacher, shape)
+        model_card["int8"] = _int8_variant(model, spec, out, test, teacher_logits, shape)
     write_json(out / "model_card.json", model_card)
     write_text(out / "MODEL_CARD.md", render_card(model_card))
     return model_card
 
 
-def _int8_variant(model, spec, out: Path, test, teacher, shape) -> dict:
+def _int8_variant(model, spec, out: Path, test, teacher_logits, shape) -> dict:
     from datafree.export import PixelModel
 
     quantized = quantize_int8(model)
@@ -154,7 +157,7 @@ def _int8_variant(model, spec, out: Path, test, teacher, shape) -> dict:
         saved = f"not saved ({type(e).__name__})"
     return {"file": saved, "size_bytes": _size_bytes(quantized), "float_size_bytes": _size_bytes(model),
             "latency_ms": {"batch_1": measure_latency(wrapped, shape, 1), "batch_64": measure_latency(wrapped, shape, 64)},
-            "accuracy": _accuracy_and_agreement(quantized, test, teacher),
+            "accuracy": _accuracy_and_agreement(quantized, test, teacher_logits),
             "method": "post-training dynamic quantisation of Linear layers to int8 (torch.ao.quantization.quantize_dynamic)"}
 
 
