@@ -49,7 +49,10 @@ class DistillConfig:
     # student
     lr_student: float = 0.05
     student_optimizer: str = "sgd"
-    student_steps: int = 5                 # student updates per round, on pool samples
+    student_steps: int = 5                 # student updates per round, on pool samples (the floor under schedule=auto)
+    schedule: str = "auto"                 # auto: student steps per round fitted to the measured teacher cost; fixed: as set
+    student_share: float = 0.5             # auto: the fraction of each round's time that goes to student steps
+    max_student_steps: int = 40            # auto: the most student steps per round
     student_batch: int = 256
     kd_temperature: float = 4.0
     kd_alpha: float = 0.0                  # weight of CE on the teacher's argmax
@@ -116,6 +119,7 @@ PRESETS: dict[str, dict] = {
 }
 
 STUDENT_LOSSES = ("kl", "l1")
+SCHEDULES = ("auto", "fixed")
 ADV_KINDS = ("l1", "kl", "js")
 KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2")
 
@@ -206,6 +210,12 @@ def validate(cfg: DistillConfig) -> None:
     for name in ("steps", "batch_size", "student_batch", "pool_size", "eval_every", "checkpoint_every", "devices", "num_nodes"):
         if getattr(cfg, name) < 1:
             raise UserError(f"config field {name!r} must be at least 1")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {cfg.schedule!r}; use {' or '.join(SCHEDULES)}")
+    if not 0 < cfg.student_share < 1:
+        raise UserError("config field 'student_share' must be between 0 and 1 (exclusive)")
+    if cfg.max_student_steps < max(1, cfg.student_steps):
+        raise UserError("config field 'max_student_steps' must be at least student_steps")
     if cfg.student_steps < 0 or cfg.synth_steps < 1:
         raise UserError("student_steps must be >= 0 and synth_steps >= 1")
     parse_duration(cfg.time_budget)

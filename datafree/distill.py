@@ -114,7 +114,7 @@ def save_grid(images: torch.Tensor, logits: torch.Tensor, spec: InputSpec, path:
     """One row per teacher class, up to ``per_class`` samples each, pixels denormalised to [0, 1]."""
     from torchvision.utils import make_grid, save_image
 
-    pred = logits.argmax(1)
+    images, pred = images.detach().cpu(), logits.argmax(1).cpu()
     blank = torch.zeros(spec.channels, spec.size, spec.size)
     tiles = []
     for c in range(spec.num_classes):
@@ -203,7 +203,8 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
     from datafree.export import export_program
 
     best_step, best_agreement = module.select_best()
-    student = module.student.eval()
+    student = module.student.eval().cpu()  # outputs are written and scored on the CPU, whatever trained them
+    teacher = teacher.cpu()
     teacher_hash = sha256_file(cfg.teacher)
     card = save_model(student, out / "student.safetensors", student_arch, teacher.spec, student_kwargs,
                       trained_by="datafree distill", preset=cfg.preset, teacher_sha256=teacher_hash,
@@ -212,7 +213,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
     save_tensors(out / "generator.safetensors", module.generator.state_dict())
     write_json(out / "generator.json", {"generator": cfg.generator, "kwargs": cfg.generator_kwargs,
                                         "input_spec": teacher.spec.to_dict()})
-    images, logits = module.pool.contents()
+    images, logits = (t.cpu() for t in module.pool.contents())
     if not len(images):
         images = torch.empty(0, *teacher.input_shape)
         logits = torch.empty(0, teacher.num_classes)
@@ -226,7 +227,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
     summary = {"steps": module.rounds, "seconds": round(seconds, 1), "selected_step": best_step,
                "holdout_agreement": _round(best_agreement), "student": student_arch,
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-               "preset": cfg.preset, "transfer_set_size": len(images)}
+               "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule}
     if cfg.eval_data:  # report only: nothing above looked at real data
         from datafree.data import load_dataset
         from datafree.training import accuracy, predict

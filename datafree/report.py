@@ -142,6 +142,12 @@ def write_report(run) -> Path:
                     ("student-teacher agreement on test %", summary.get("student_teacher_agreement_on_test")),
                     ("held-out synthetic agreement %", summary.get("holdout_agreement")),
                     ("rounds", summary.get("steps")), ("seconds", summary.get("seconds"))]
+        schedule = summary.get("schedule") or {}
+        if schedule:
+            measured = schedule.get("measured") or {}
+            accuracy += [("schedule", schedule.get("mode")), ("student steps per round", schedule.get("student_steps")),
+                         ("pool size", schedule.get("pool_size"))]
+            accuracy += [(f"measured {k.replace('_', ' ')}", v) for k, v in measured.items()]
     elif (run / "dataset.safetensors").is_file():  # condensed set
         kind = f"condensed set ({manifest.get('method')}, ipc {manifest.get('ipc')})"
         tensors = load_tensors(run / "dataset.safetensors")

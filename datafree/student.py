@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 
@@ -55,6 +56,19 @@ def student_augment():
     return K.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), padding_mode="border", p=1.0)
 
 
+def mixup(x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Each image mixed with a random partner of the batch, weight ~ U(0, 1) per image (drawn with
+    ``rng`` on the CPU, then moved to ``x``'s device).
+
+    Example:
+        >>> mixup(torch.ones(4, 1, 2, 2), torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 1, 2, 2])
+    """
+    lam = torch.rand((len(x), 1, 1, 1), generator=rng).to(x.device)
+    partner = torch.randperm(len(x), generator=rng).to(x.device)
+    return lam * x + (1 - lam) * x[partner]
+
+
 def class_histogram(logits: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(logits.argmax(1), minlength=num_classes).tolist()
 
@@ -62,7 +76,7 @@ def class_histogram(logits: torch.Tensor, num_classes: int) -> list[int]:
 @torch.no_grad()
 def agreement(student: nn.Module, images: torch.Tensor, t_logits: torch.Tensor) -> float:
     """Percent of images on which the student's argmax equals the teacher's."""
-    return (predict(student, images).argmax(1) == t_logits.argmax(1)).float().mean().item() * 100
+    return (predict(student, images).argmax(1) == t_logits.argmax(1).cpu()).float().mean().item() * 100
 
 
 class DistillModule(L.LightningModule):
@@ -87,6 +101,8 @@ class DistillModule(L.LightningModule):
         self.batches = 0  # synthetic batches finished (pool + held out)
         self.elapsed = 0.0  # seconds spent in rounds, carried across resumes
         self.budget_seconds = parse_duration(cfg.time_budget)
+        self.student_steps = cfg.student_steps
+        self.schedule: dict | None = None  # what fit_schedule measured and chose (or "fixed"), kept in checkpoints
 
     # --- optimisers ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -115,6 +131,26 @@ class DistillModule(L.LightningModule):
     def setup(self, stage):
         # each process synthesises its own samples; a resume overwrites this in on_load_checkpoint
         self.rng.manual_seed(self.cfg.seed + 1000 * self.global_rank)
+
+    def on_train_start(self):
+        """Fit the round's schedule to this teacher's measured cost (once: a resume keeps the first choice)."""
+        if self.schedule is None:
+            if self.cfg.schedule == "auto":
+                from datafree.schedule import fit_schedule
+
+                self.schedule = fit_schedule(self)
+                if self.trainer.world_size > 1:  # every rank must take the same number of steps
+                    self.schedule = self.trainer.strategy.broadcast(self.schedule, src=0)
+            else:
+                self.schedule = {"mode": "fixed", "student_steps": self.cfg.student_steps, "pool_size": self.cfg.pool_size}
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        self.student_steps = int(self.schedule["student_steps"])
+        if self.pool.capacity != int(self.schedule["pool_size"]):
+            state = self.pool.state_dict()
+            self.pool = SamplePool(int(self.schedule["pool_size"]))
+            self.pool.load_state_dict(state)
 
     def on_train_batch_start(self, batch, batch_idx):
         if self.progress() >= 1.0:  # e.g. resuming a run that had already finished
@@ -151,9 +187,9 @@ class DistillModule(L.LightningModule):
             self.last_batch, self.last_logits = images, t_logits
             self.batches += 1
 
-        s_loss = torch.zeros(())
+        s_loss = torch.zeros((), device=self.device)
         if len(self.pool):
-            for _ in range(cfg.student_steps):
+            for _ in range(self.student_steps):
                 s_loss = self._student_step(opt_s)
 
         self.elapsed += time.monotonic() - started
@@ -165,15 +201,18 @@ class DistillModule(L.LightningModule):
         return {"kd": s_loss}
 
     def _student_step(self, opt_s) -> torch.Tensor:
+        """One KD step on pool samples. Samples changed by augmentation or mixup are re-labelled by
+        the teacher; unchanged ones reuse the logits the pool stored (no teacher pass)."""
         cfg = self.cfg
-        x, _ = self.pool.sample(cfg.student_batch, self.rng)
+        x, t = self.pool.sample(cfg.student_batch, self.rng)
+        changed = False
         if self.augment is not None:
-            x = self.augment(x)
+            x, changed = self.augment(x), True
         if cfg.mixup and torch.rand((), generator=self.rng) < cfg.mixup:
-            lam = torch.distributions.Beta(1.0, 1.0).sample((len(x), 1, 1, 1))
-            x = lam * x + (1 - lam) * x[torch.randperm(len(x), generator=self.rng)]
-        with torch.no_grad():
-            t = self.teacher(x)
+            x, changed = mixup(x, self.rng), True
+        if changed:
+            with torch.no_grad():
+                t = self.teacher(x)
         loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
         opt_s.zero_grad()
         self._backward(loss, self.student)
@@ -247,11 +286,14 @@ class DistillModule(L.LightningModule):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
             "rng": self.rng.get_state(),
-            "snapshots": self.snapshots, "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
+            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
         }
 
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint["datafree"]
+        self.schedule = json.loads(state["schedule"]) if state.get("schedule") else None
+        if self.schedule is not None:
+            self._apply_schedule()
         self.pool.load_state_dict(state["pool"])
         self.holdout.load_state_dict(state["holdout"])
         self.rng.set_state(state["rng"])

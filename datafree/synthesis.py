@@ -45,10 +45,12 @@ class Synthesizer:
         if self.is_pixels:
             pixels, targets = self.generator(), self.generator.targets
         else:
-            z = torch.randn(n, self.generator.latent_dim, generator=rng)
+            device = next(self.generator.parameters()).device
+            z = torch.randn(n, self.generator.latent_dim, generator=rng).to(device)  # drawn on the CPU: the seed fixes it anywhere
             targets = None
             if getattr(self.generator, "conditional", False):
                 targets = classes if classes is not None else balanced_classes(n, self.teacher.num_classes, rng)
+                targets = targets.to(device)
             pixels = self.generator(z, targets)
         return self.teacher.spec.normalize(pixels), targets
 

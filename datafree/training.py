@@ -126,12 +126,25 @@ def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_siz
     return model.eval()
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for one that has neither).
+
+    Example:
+        >>> module_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits of ``model`` on ``images`` in eval mode, in batches."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(chunk) for chunk in images.split(batch_size)])
+    device = module_device(model)
+    out = torch.cat([model(chunk.to(device)).cpu() for chunk in images.split(batch_size)])
     model.train(was_training)
     return out
 

@@ -1,0 +1,98 @@
+"""The teacher-cost-aware schedule, and tensors that follow the module's device."""
+import json
+
+import pytest
+import torch
+
+from conftest import TEACHERS
+from datafree.config import resolve_distill_config
+from datafree.distill import run_distill
+from datafree.errors import UserError
+from datafree.schedule import ROUNDED_STEPS, choose_student_steps
+from datafree.student import mixup
+from datafree.synthesis import Synthesizer
+from datafree.teacher import load_teacher
+from generators import create_generator
+
+BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
+TINY = {"steps": 4, "batch_size": 32, "student_batch": 32, "student_steps": 2, "pool_size": 64, "eval_every": 2,
+        "checkpoint_every": 2, "grid_every": 0, "holdout_every": 3, "generator_kwargs": {"latent_dim": 16, "width": 8}}
+
+
+@pytest.mark.parametrize("synth_s, student_s, share, expected", [
+    (0.30, 0.02, 0.5, 15),   # an expensive synthesis step buys 15 student steps
+    (0.05, 0.02, 0.5, 5),    # a cheap one: the preset's floor
+    (3.00, 0.01, 0.5, 40),   # a very expensive one: the cap
+    (0.30, 0.02, 0.75, 40),  # share 3/4: 45 wanted, capped
+    (0.10, 0.01, 0.25, 5),   # share 1/4: 3.3 wanted, the floor wins
+])
+def test_student_steps_follow_the_measured_costs(synth_s, student_s, share, expected):
+    assert choose_student_steps(synth_s, student_s, share, floor=5, cap=40) == expected
+
+
+def test_the_choice_is_stable_under_timing_noise():
+    """Costs 3% either side of 16.5 steps land on the same rung (15) of the ladder."""
+    choices = {choose_student_steps(0.33 * f, 0.02, 0.5, floor=1, cap=80) for f in (0.97, 1.0, 1.03)}
+    assert choices == {15}
+    assert all(a < b for a, b in zip(ROUNDED_STEPS, ROUNDED_STEPS[1:]))
+
+
+def test_auto_schedule_is_measured_recorded_and_kept_on_resume(tmp_path):
+    cfg = resolve_distill_config("dfq", overrides={"teacher": BN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "auto"})
+    summary = run_distill(cfg, progress=False)
+    schedule = summary["schedule"]
+    assert schedule["mode"] == "auto" and schedule["preset_student_steps"] == 2
+    assert set(schedule["measured"]) == {"synthesis_step_s", "student_step_s", "student_step_relabel_s", "teacher_forward_s"}
+    assert all(v > 0 for v in schedule["measured"].values())
+    assert 2 <= schedule["student_steps"] <= cfg.max_student_steps
+    assert schedule["pool_size"] == max(64, schedule["student_steps"] * 32)
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())["schedule"]
+    assert on_disk == schedule
+    assert "student steps per round" in (tmp_path / "run" / "report.html").read_text()
+    # a resume with more steps keeps the first choice instead of measuring again
+    resumed = run_distill(resolve_distill_config(yaml_path=tmp_path / "run" / "config.yaml", overrides={"steps": 6}),
+                          resume=True, progress=False)
+    assert resumed["schedule"] == schedule and resumed["steps"] == 6
+
+
+def test_fixed_schedule_keeps_the_preset(tmp_path):
+    cfg = resolve_distill_config("dfq", overrides={"teacher": BN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed"})
+    assert run_distill(cfg, progress=False)["schedule"] == {"mode": "fixed", "student_steps": 2, "pool_size": 64}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"schedule": "fast"}, "unknown schedule"),
+    ({"student_share": 1.0}, "student_share"),
+    ({"max_student_steps": 1, "student_steps": 5}, "max_student_steps"),
+])
+def test_bad_schedule_settings(overrides, message):
+    with pytest.raises(UserError, match=message):
+        resolve_distill_config("dfq", overrides={"teacher": BN_TEACHER, **overrides})
+
+
+# --- device: every tensor the loop makes follows the module's device ----------------------------
+# The meta device stands in for a GPU: a CPU tensor combined with a meta tensor raises, as a CPU
+# tensor combined with a CUDA tensor does.
+
+
+def test_mixup_follows_the_images_device():
+    x = torch.ones(8, 1, 4, 4, device="meta")
+    assert mixup(x, torch.Generator().manual_seed(0)).device.type == "meta"
+
+
+def test_mixup_is_a_convex_mix_of_two_images():
+    x = torch.stack([torch.full((1, 2, 2), float(i)) for i in range(6)])
+    mixed = mixup(x, torch.Generator().manual_seed(0))
+    assert mixed.min() >= 0 and mixed.max() <= 5
+    assert not torch.equal(mixed, x)
+    assert torch.allclose(mixed.mean((1, 2, 3)), mixed[:, 0, 0, 0])  # one weight per image
+
+
+@pytest.mark.parametrize("generator", ["dcgan", "conditional"])
+def test_synthesizer_samples_on_the_generators_device(generator):
+    cfg = resolve_distill_config("dfq", overrides={"teacher": BN_TEACHER, "generator": generator})
+    teacher = load_teacher(BN_TEACHER)
+    gen = create_generator(generator, 1, 28, 10, latent_dim=8, width=4).to("meta")
+    images, targets = Synthesizer(teacher, gen, cfg).sample(6, torch.Generator().manual_seed(0))
+    assert images.device.type == "meta"
+    assert targets is None or targets.device.type == "meta"
