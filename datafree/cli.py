@@ -110,7 +110,8 @@ def cmd_distill(args) -> int:
     overrides = {k: getattr(args, k) for k in ("teacher", "student", "preset", "steps", "time_budget", "out", "seed",
                                                "batch_size", "student_steps", "pool_size", "eval_data", "data_dir",
                                                "checkpoint_every", "eval_every", "accelerator", "devices", "num_nodes",
-                                               "strategy", "generator", "teacher_input_spec", "student_kwargs")}
+                                               "strategy", "generator", "teacher_input_spec", "student_kwargs", "schedule",
+                                               "student_share")}
     config_path = args.config
     if args.resume:
         stored = Path(args.out or "runs/distill") / "config.yaml"
@@ -388,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--generator", help="dcgan, conditional, pixels (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="synthetic images per generator step")
-    p.add_argument("--student-steps", type=int, help="student updates per round")
+    p.add_argument("--student-steps", type=int, help="student updates per round (the least, under --schedule auto)")
+    p.add_argument("--schedule", choices=["auto", "fixed"],
+                   help="auto (default): student steps per round fitted to the measured cost of the teacher; fixed: as the preset says")
+    p.add_argument("--student-share", type=float, help="auto schedule: fraction of each round's time for student steps (default 0.5)")
     p.add_argument("--pool-size", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--eval-every", type=int)

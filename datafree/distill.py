@@ -9,6 +9,7 @@
       student.safetensors    + student.json card, and student.pt2 ([0, 1] images in, logits out)
       generator.safetensors  + generator.json
       transfer.safetensors   images in the teacher's input space + teacher logits; manifest.json
+      holdout.safetensors    the held-out synthetic samples (and teacher logits) that chose the student
       summary.json           what was selected and, if asked, real test accuracy (report only)
       report.html, report/   image grid per class, curves, class histogram, accuracy table, audit
 
@@ -218,6 +219,9 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         images = torch.empty(0, *teacher.input_shape)
         logits = torch.empty(0, teacher.num_classes)
     save_tensors(out / "transfer.safetensors", {"images": images, "teacher_logits": logits, "labels": logits.argmax(1)})
+    held_images, held_logits = (t.cpu() for t in module.holdout.contents())
+    save_tensors(out / "holdout.safetensors", {"images": held_images.reshape(-1, *teacher.input_shape),
+                                               "teacher_logits": held_logits.reshape(-1, teacher.num_classes)})
     write_json(out / "manifest.json", {
         "schema": "datafree-transfer/1", "kind": "transfer set", "count": len(images),
         "space": "the teacher's input space: pixels = images * std + mean", "input_spec": teacher.spec.to_dict(),

@@ -226,6 +226,9 @@ class DistillModule(L.LightningModule):
         one-backward-per-forward reducer does not allow; so its sync is held off (``no_sync``) and
         the gradients of the part being stepped are all-reduced here instead.
         """
+        if self._trainer is None:  # used outside a Trainer (a test, a notebook)
+            loss.backward()
+            return
         wrapper = self.trainer.model
         if not isinstance(wrapper, DistributedDataParallel):
             self.manual_backward(loss)

@@ -1,44 +1,46 @@
-"""Benchmark data-free distillation: every preset, plus KD on real data (upper bound) and on noise (lower bound).
+"""Benchmark data-free distillation over the teacher suite: candidate presets, the data-free choice
+between them, and the KD-on-real-data (upper) and KD-on-noise (lower) bounds, all at one budget.
 
-    DATAFREE_DATA=../shared/data python scripts/bench_datafree.py                 # the full table
+    DATAFREE_DATA=../shared/data python scripts/train_suite.py       # once: the suite's teachers
+    DATAFREE_DATA=../shared/data python scripts/bench_datafree.py --budget 5m --workers 2
     DATAFREE_DATA=../shared/data python scripts/bench_datafree.py --quick         # a smoke run
 
-Prints a table, writes ``bench/datafree.json`` and the table into ``BENCHMARKS.md`` (between the
-``datafree`` markers). Real test accuracy is measured once, after each run, and chooses nothing:
-each run keeps the student that agrees most with the teacher on held-out *synthetic* samples.
+Every row is one run folder (``runs/bench/suite/TEACHER/METHOD-BUDGET``); the student is always the
+default ``lenet5_half`` and the preset's own settings apply (``datafree distill --teacher T --preset P``).
+Real data is read only after a run has finished, to score it:
+
+- ``student %``: the kept student on the real test set (measured once; chooses nothing);
+- ``cross-agreement %``: the data-free signal (:mod:`datafree.selection`) that picks the method for
+  each teacher: agreement with the teacher on the *other* candidates' held-out synthetic samples;
+- ``curve``: test accuracy of the student snapshots taken during the run (every ``eval_every``
+  rounds), to read the time needed to reach an accuracy; reporting only.
+
+Rows run in ``--workers`` processes of ``--threads`` threads each; every row records that load.
+Writes ``bench/datafree_suite.json`` (with the command and the machine) and the table into
+``BENCHMARKS.md`` between the ``datafree-suite`` markers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.config import parse_duration, resolve_distill_config  # noqa: E402
-from datafree.data import load_dataset  # noqa: E402
-from datafree.distill import build_student, run_distill  # noqa: E402
-from datafree.models import count_parameters  # noqa: E402
-from datafree.student import kd_loss, student_augment  # noqa: E402
-from datafree.teacher import load_teacher  # noqa: E402
-from datafree.training import accuracy  # noqa: E402
 
-TEACHERS = ROOT / "assets" / "teachers"
-PAIRS = [  # (name, teacher file, student arch, data set)
-    ("MNIST lenet5 (BN) -> lenet5_half", "mnist_lenet5.safetensors", "lenet5_half", "mnist"),
-    ("MNIST lenet5_nobn -> lenet5_half", "mnist_lenet5_nobn.safetensors", "lenet5_half", "mnist"),
-    ("F-MNIST convnet64 -> convnet32", "fmnist_convnet.safetensors", "convnet", "fashion-mnist"),
-]
+def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train=None) -> int:
+    """KD on real training images or on Gaussian noise: the student's loss, optimiser, augmentation and
+    cosine schedule of the distill loop, for the same wall-clock budget."""
+    import torch
 
+    from datafree.student import kd_loss, student_augment
 
-def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train=None) -> tuple[int, float]:
-    """KD on real training images or on Gaussian noise, same loss, optimiser, augmentation and budget."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
     augment = student_augment()
@@ -46,10 +48,7 @@ def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train
     while (elapsed := time.monotonic() - start) < budget_s:
         for g in opt.param_groups:
             g["lr"] = 0.05 * 0.5 * (1 + torch.cos(torch.tensor(elapsed / budget_s * torch.pi)).item())
-        if source == "real":
-            x = train.images[torch.randint(0, len(train), (256,))]
-        else:
-            x = torch.randn(256, *teacher.input_shape)
+        x = train.images[torch.randint(0, len(train), (256,))] if source == "real" else torch.randn(256, *teacher.input_shape)
         x = augment(x)
         with torch.no_grad():
             t = teacher(x)
@@ -58,69 +57,155 @@ def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train
         loss.backward()
         opt.step()
         steps += 1
-    return steps, time.monotonic() - start
+    return steps
+
+
+def test_set_for(teacher, dataset):
+    """The real test set in the teacher's input space."""
+    from datafree.data import load_dataset
+
+    test = load_dataset(dataset, train=False)
+    test.images = teacher.spec.normalize(test.spec.denormalize(test.images))
+    return test
+
+
+def run_task(task: dict) -> dict:
+    """One row: a distill run with a candidate preset, or a KD bound. Runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    from datafree.config import parse_duration, resolve_distill_config
+    from datafree.data import load_dataset
+    from datafree.distill import build_student, run_distill
+    from datafree.student import DistillModule
+    from datafree.teacher import load_model, load_teacher
+    from datafree.training import accuracy
+
+    member, budget = task["member"], task["budget"]
+    teacher_path = str(ROOT / member["file"])
+    teacher = load_teacher(teacher_path, input_spec=member["input_spec"])
+    out = ROOT / "runs" / "bench" / "suite" / member["name"] / f"{task['method']}-{budget}"
+    row = {"teacher": member["name"], "form": member["form"], "dataset": member["dataset"], "method": task["method"],
+           "budget": budget, "threads": task["threads"], "workers": task["workers"], "run": str(out.relative_to(ROOT))}
+    if task["kind"] == "bound":
+        student = build_student("lenet5_half", teacher)[0]
+        train = load_dataset(member["dataset"], train=True) if task["method"] == "kd-real" else None
+        if train is not None:
+            train.images = teacher.spec.normalize(train.spec.denormalize(train.images))
+        started = time.monotonic()
+        steps = kd_baseline(teacher, student, "real" if train is not None else "noise", parse_duration(budget), task["seed"], train)
+        row.update(steps=steps, step_is="student step (batch 256)", seconds=round(time.monotonic() - started, 1),
+                   student_acc=round(accuracy(student.eval(), test_set_for(teacher, member["dataset"])), 2))
+        return row
+
+    curve_states = []
+    original = DistillModule._evaluate
+
+    def traced(self, step):  # keep every snapshot for the reporting curve (the module keeps the last 8)
+        original(self, step)
+        curve_states.append((round(self.elapsed, 1), {k: v.detach().clone() for k, v in self.student.state_dict().items()}))
+
+    DistillModule._evaluate = traced
+    overrides = {"teacher": teacher_path, "teacher_input_spec": member["input_spec"], "time_budget": budget, "steps": 10 ** 6,
+                 "out": str(out), "seed": task["seed"], "checkpoint_every": 10 ** 6, "eval_every": task["eval_every"]}
+    cfg = resolve_distill_config(preset=task["method"], overrides=overrides)
+    try:
+        summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
+    finally:
+        DistillModule._evaluate = original
+    test = test_set_for(teacher, member["dataset"])
+    student, _ = load_model(out / "student.safetensors")
+    probe = build_student("lenet5_half", teacher)[0]
+    curve = []
+    for elapsed, state in curve_states:
+        probe.load_state_dict(state)
+        curve.append((elapsed, round(accuracy(probe.eval(), test), 2)))
+    schedule = summary.get("schedule") or {}
+    row.update(steps=summary["steps"], step_is=f"round (1 synthesis step + {schedule.get('student_steps')} student steps)",
+               seconds=summary["seconds"], student_acc=round(accuracy(student.eval(), test), 2),
+               holdout_agreement=summary["holdout_agreement"], schedule=schedule, curve=curve)
+    return row
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--main-preset", default="fast")
-    parser.add_argument("--main-budget", default="10m", help="budget of the main preset on the MNIST pairs")
-    parser.add_argument("--fmnist-budget", default="15m")
-    parser.add_argument("--preset-budget", default="2m", help="budget of every other preset and the baselines")
-    parser.add_argument("--presets", default="fast,deepinversion,dafl,dfad,zskt,dfq")
-    parser.add_argument("--pairs", default="0,1,2", help="indices into the pair list")
-    parser.add_argument("--all-presets-on", default="0", help="pairs that run every preset; the others run the main preset only")
-    parser.add_argument("--baselines-on", default="0,1,2", help="pairs that also run the real-data and noise KD baselines")
-    parser.add_argument("--merge", help="rows of an earlier run (JSON list) to put in the same table")
-    parser.add_argument("--quick", action="store_true", help="20 s per run: checks the script, not the methods")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "datafree.json"))
+    parser.add_argument("--suite", default=str(ROOT / "assets" / "suite" / "suite.json"))
+    parser.add_argument("--teachers", help="comma-separated suite names (default: all)")
+    parser.add_argument("--candidates", default="dfq,fast", help="presets the data-free signal chooses between")
+    parser.add_argument("--bounds", default="kd-real,kd-noise", help="kd-real, kd-noise, or none")
+    parser.add_argument("--budget", default="10m")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    parser.add_argument("--eval-every", type=int, default=50, help="rounds between student snapshots")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="20 s per row, first two teachers: checks the script, not the methods")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "datafree_suite.json"))
     args = parser.parse_args()
     if args.quick:
-        args.main_budget = args.fmnist_budget = args.preset_budget = "20s"
+        args.budget, args.eval_every = "20s", 10
+    import torch
 
+    from datafree.selection import cross_agreement, load_run_candidate, spearman
+    from datafree.teacher import load_teacher
+    from datafree.training import accuracy
+
+    members = json.loads(Path(args.suite).read_text())["members"]
+    if args.teachers:
+        members = [m for m in members if m["name"] in args.teachers.split(",")]
+    elif args.quick:
+        members = members[:2]
+    candidates = args.candidates.split(",")
+    bounds = [] if args.bounds == "none" else args.bounds.split(",")
+    tasks = [{"member": m, "kind": "distill", "method": c, "budget": args.budget, "seed": args.seed, "threads": args.threads,
+              "workers": args.workers, "eval_every": args.eval_every} for m in members for c in candidates]
+    tasks += [{"member": m, "kind": "bound", "method": b, "budget": args.budget, "seed": args.seed, "threads": args.threads,
+               "workers": args.workers} for m in members for b in bounds]
+    started = time.time()
     rows = []
-    for index in map(int, args.pairs.split(",")):
-        name, teacher_file, student_arch, dataset = PAIRS[index]
-        teacher_path = str(TEACHERS / teacher_file)
-        teacher = load_teacher(teacher_path)
-        test = load_dataset(dataset, train=False)
-        teacher_acc = accuracy(teacher, test)
-        # convnet width 32 has 22k parameters, 27% of the width-64 teacher's 81k
-        student_kwargs = {"width": 32, "depth": 3, "norm": "batch"} if student_arch == "convnet" else {}
-        every = str(index) in args.all_presets_on.split(",")
-        for preset in args.presets.split(",") if every else [args.main_preset]:
-            main_run = preset == args.main_preset
-            budget = (args.fmnist_budget if dataset == "fashion-mnist" else args.main_budget) if main_run else args.preset_budget
-            overrides = {"teacher": teacher_path, "student": student_arch, "student_kwargs": student_kwargs, "time_budget": budget, "steps": 10 ** 6,
-                         "out": str(ROOT / "runs" / "bench" / f"{teacher_file.split('.')[0]}-{preset}"),
-                         "eval_data": dataset, "seed": args.seed, "checkpoint_every": 200, "eval_every": 100}
-            cfg = resolve_distill_config(preset=preset, overrides=overrides)
-            summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
-            rows.append({"pair": name, "method": preset, "budget": budget, "steps": summary["steps"],
-                         "seconds": summary["seconds"], "teacher_acc": round(teacher_acc, 2),
-                         "student_acc": summary["student_test_accuracy"],
-                         "ratio": round(summary["student_test_accuracy"] / teacher_acc, 4),
-                         "holdout_agreement": summary["holdout_agreement"], "student_params": summary["student_parameters"]})
-            print(_row_text(rows[-1]), flush=True)
-        train = load_dataset(dataset, train=True)
-        for source in ("real", "noise") if str(index) in args.baselines_on.split(",") else ():
-            torch.manual_seed(args.seed)
-            student = build_student(student_arch, teacher, student_kwargs)[0]
-            steps, seconds = kd_baseline(teacher, student, source, parse_duration(args.preset_budget), args.seed, train)
-            acc = accuracy(student.eval(), test)
-            rows.append({"pair": name, "method": "KD on real training images (upper bound)" if source == "real" else "KD on Gaussian noise (lower bound)",
-                         "budget": args.preset_budget, "steps": steps, "seconds": round(seconds, 1),
-                         "teacher_acc": round(teacher_acc, 2), "student_acc": round(acc, 2), "ratio": round(acc / teacher_acc, 4),
-                         "holdout_agreement": None, "student_params": count_parameters(student)})
+    if args.workers > 1:
+        with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
+            for row in pool.imap_unordered(run_task, tasks):
+                rows.append(row)
+                print(_row_text(row), flush=True)
+    else:
+        for task in tasks:
+            rows.append(run_task(task))
             print(_row_text(rows[-1]), flush=True)
 
-    if args.merge:
-        earlier = json.loads(Path(args.merge).read_text())
-        rows = earlier + rows
-        rows.sort(key=lambda r: [p[0] for p in PAIRS].index(r["pair"]))
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    result = {"machine": machine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    order = [m["name"] for m in members]
+    methods = candidates + bounds
+    rows.sort(key=lambda r: (order.index(r["teacher"]), methods.index(r["method"])))
+    torch.set_num_threads(args.threads)
+    teachers = {}
+    for m in members:
+        # 1. the data-free choice between the candidates (reads no real data)
+        mine = [r for r in rows if r["teacher"] == m["name"] and r["method"] in candidates]
+        loaded = {r["method"]: load_run_candidate(ROOT / r["run"]) for r in mine}
+        scores = cross_agreement({k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()})
+        chosen = max(scores, key=lambda k: (scores[k], -candidates.index(k)))
+        # 2. then, for the report only, the teacher's and the students' real test accuracy
+        teacher = load_teacher(ROOT / m["file"], input_spec=m["input_spec"])
+        teacher_acc = round(accuracy(teacher, test_set_for(teacher, m["dataset"])), 2)
+        for r in rows:
+            if r["teacher"] == m["name"]:
+                r["teacher_acc"] = teacher_acc
+                r["ratio"] = round(r["student_acc"] / teacher_acc, 4)
+                r["cross_agreement"] = scores.get(r["method"])
+                r["chosen"] = r["method"] == chosen
+                r["seconds_to_90"] = next((t for t, a in r.get("curve", []) if a >= 90.0), None)
+        accs = {r["method"]: r["student_acc"] for r in mine}
+        best = max(accs, key=accs.get)
+        teachers[m["name"]] = {"teacher_acc": teacher_acc, "chosen": chosen, "test_best": best, "scores": scores,
+                               "test_acc": accs, "spearman": spearman([scores[k] for k in accs], list(accs.values()))}
+    centred_s, centred_a = [], []  # pooled over teachers, each teacher's mean removed
+    for t in teachers.values():
+        ms, ma = sum(t["scores"].values()) / len(t["scores"]), sum(t["test_acc"].values()) / len(t["test_acc"])
+        centred_s += [t["scores"][k] - ms for k in t["test_acc"]]
+        centred_a += [t["test_acc"][k] - ma for k in t["test_acc"]]
+    selection = {"teachers": len(teachers), "chosen_is_test_best": sum(t["chosen"] == t["test_best"] for t in teachers.values()),
+                 "pooled_spearman_within_teacher": spearman(centred_s, centred_a)}
+    result = {"machine": _machine(args), "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+              "wall_clock_s": round(time.time() - started), "rows": rows, "teachers": teachers, "selection": selection}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     table = _markdown(result)
@@ -129,30 +214,43 @@ def main():
         _update_benchmarks_md(table)
 
 
-def _row_text(r) -> str:
-    return f"{r['pair']:<36} {r['method']:<48} {r['budget']:>5} {r['steps']:>7} {r['seconds']:>7} {r['teacher_acc']:>6} {r['student_acc']:>6} {r['ratio']:>6}"
-
-
 def _markdown(result) -> str:
-    lines = [f"Machine: {result['machine']}. Date: {result['date']}. Command: `{result['command']}`", "",
-             "| teacher -> student | method | budget | rounds/steps | wall-clock s | teacher % | student % | student/teacher | held-out synthetic agreement % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    sel = result["selection"]
+    lines = [f"Machine: {result['machine']}. Date: {result['date']}. Wall-clock: {result['wall_clock_s']} s. "
+             f"Command: `{result['command']}`", "",
+             "| teacher | handed over as | teacher % | method | budget | rounds / steps | s | student % | student/teacher "
+             "| cross-agreement % (chooses) | chosen | s to 90% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['pair']} | {r['method']} | {r['budget']} | {r['steps']} | {r['seconds']} | {r['teacher_acc']} | "
-                     f"{r['student_acc']} | {r['ratio']:.3f} | {r['holdout_agreement'] if r['holdout_agreement'] is not None else '-'} |")
+        ca = "-" if r.get("cross_agreement") is None else r["cross_agreement"]
+        t90 = "-" if r.get("seconds_to_90") is None else r["seconds_to_90"]
+        lines.append(f"| {r['teacher']} | {r['form']} | {r['teacher_acc']} | {r['method']} | {r['budget']} | {r['steps']} | "
+                     f"{r['seconds']} | {r['student_acc']} | {r['ratio']:.3f} | {ca} | {'yes' if r.get('chosen') else ''} | {t90} |")
+    lines += ["", f"Data-free choice: the chosen method was also the best on the test set for {sel['chosen_is_test_best']} of "
+              f"{sel['teachers']} teachers; Spearman rank correlation of cross-agreement with test accuracy (within each "
+              f"teacher, pooled): {sel['pooled_spearman_within_teacher']}."]
     return "\n".join(lines)
 
 
 def _update_benchmarks_md(table: str) -> None:
     path = ROOT / "BENCHMARKS.md"
-    start, end = "<!-- datafree:start -->", "<!-- datafree:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = "<!-- datafree-suite:start -->", "<!-- datafree-suite:end -->"
+    text = path.read_text()
     block = f"{start}\n{table}\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text += f"\n## Data-free distillation\n\n{block}\n"
+        text = text.replace("## Data-free distillation\n", f"## Data-free distillation\n\n### The teacher suite\n\n{block}\n", 1)
     path.write_text(text)
+
+
+def _machine(args) -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {__import__('torch').__version__}; "
+            f"{args.workers} worker process(es) x {args.threads} thread(s) running side by side")
+
+
+def _row_text(r) -> str:
+    return f"{r['teacher']:<22} {r['method']:<9} {r['budget']:>5} {r['steps']:>7} {r['seconds']:>7} {r['student_acc']:>6}"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from datafree.data import load_dataset  # noqa: E402
-from datafree.models import count_parameters, create_model  # noqa: E402
+from datafree.models import create_model  # noqa: E402
 from datafree.teacher import load_teacher, save_model  # noqa: E402
 from datafree.training import accuracy, fit_supervised, make_augment  # noqa: E402
 
@@ -143,11 +143,11 @@ def train_torchscript(out_dir: Path, epochs: int, seed=0) -> Path:
 
 NEW = [  # (name, dataset, form, input spec a user passes, trainer)
     ("mnist_convnet_in", "mnist", "safetensors + card", None,
-     lambda d: train_zoo("mnist_convnet_in", "mnist", "convnet", {"width": 32, "depth": 3, "norm": "instance"}, 4, "affine", d)),
+     lambda d: train_zoo("mnist_convnet_in", "mnist", "convnet", {"width": 32, "depth": 3, "norm": "instance"}, 3, "affine", d)),
     ("mnist_resnet20", "mnist", "safetensors + card", None,
-     lambda d: train_zoo("mnist_resnet20", "mnist", "resnet20", {}, 3, "affine", d)),
-    ("mnist_owner_resgap", "mnist", ".pt2 (no card)", None, lambda d: train_owner_pt2(d, 4)),
-    ("fmnist_resnet8", "fashion-mnist", "TorchScript (no card)", "1x28x28", lambda d: train_torchscript(d, 6)),
+     lambda d: train_zoo("mnist_resnet20", "mnist", "resnet20", {}, 2, "affine", d)),
+    ("mnist_owner_resgap", "mnist", ".pt2 (no card)", None, lambda d: train_owner_pt2(d, 3)),
+    ("fmnist_resnet8", "fashion-mnist", "TorchScript (no card)", "1x28x28", lambda d: train_torchscript(d, 4)),
 ]
 
 
