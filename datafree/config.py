@@ -28,7 +28,8 @@ class DistillConfig:
     teacher_input_spec: str | None = None  # CxHxW[:mean:std], for a teacher file that does not say
     student: str = "lenet5_half"
     student_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 32} for convnet
-    preset: str = "dfq"                    # the best preset measured on this CPU (BENCHMARKS.md)
+    preset: str = "dfq"                    # default for BN teachers; NO_BN_PRESET for teachers without BN (BENCHMARKS.md)
+    preset_note: str = ""                  # why the preset was chosen automatically (printed at the start of a run)
     out: str = "runs/distill"
     seed: int = 0
     steps: int = 1000                      # synthesis rounds (one generator update + student steps each)
@@ -45,6 +46,7 @@ class DistillConfig:
     bn_first_layer: float = 1.0
     bn_momentum: float = 0.0
     adv_kind: str = "js"
+    soft_temperature: float = 20.0         # the soft-target prior's temperature (ZSKD)
     adv_temperature: float = 1.0
     # student
     lr_student: float = 0.05
@@ -116,12 +118,21 @@ PRESETS: dict[str, dict] = {
              "lr_generator": 0.1, "jitter": 2, "bn_first_layer": 5.0,
              "weights": {"bn": 1.0, "onehot": 1.0, "tv": 0.3, "adv": 0.5}, "adv_kind": "js", "student_steps": 3, "augment": True,
              "mixup": 0.5, "pool_size": 20000},
+    # Nayak et al., "Zero-Shot Knowledge Distillation in Deep Networks" (ZSKD), ICML 2019: "data
+    # impressions", pixels optimised so that the teacher's softmax at T=20 matches soft targets drawn
+    # from a Dirichlet over the class-similarity of the final layer's weights (half at beta 1, half at
+    # 0.1); needs no BN statistics. Published: 1,500 steps per batch; here 200 (40 rounds x 5), the
+    # batch then joins the pool, and the student learns from it with augmentation at T=20.
+    "zskd": {"generator": "pixels", "generator_kwargs": {}, "synth_steps": 5, "reset_every": 40,
+             "lr_generator": 0.05, "weights": {"soft": 1.0}, "soft_temperature": 20.0,
+             "student_steps": 2, "augment": True, "kd_temperature": 20.0, "pool_size": 20000},
 }
 
+NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
 STUDENT_LOSSES = ("kl", "l1")
 SCHEDULES = ("auto", "fixed")
 ADV_KINDS = ("l1", "kl", "js")
-KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2")
+KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2", "soft")
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -163,7 +174,10 @@ def resolve_distill_config(preset: str | None = None, yaml_path=None, overrides:
     values: dict = {}
     file_values = load_yaml(yaml_path) if yaml_path else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    name = overrides.get("preset") or file_values.get("preset") or preset or DistillConfig.preset
+    name = overrides.get("preset") or file_values.get("preset") or preset
+    if not name:
+        name, values["preset_note"] = default_preset(overrides.get("teacher") or file_values.get("teacher"),
+                                                     overrides.get("teacher_input_spec") or file_values.get("teacher_input_spec"))
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     values.update(PRESETS[name])
@@ -171,6 +185,29 @@ def resolve_distill_config(preset: str | None = None, yaml_path=None, overrides:
     values.update(overrides)
     values["preset"] = name
     return build_config(DistillConfig, values)
+
+
+def default_preset(teacher_path: str | None, input_spec: str | None = None) -> tuple[str, str]:
+    """The preset for a teacher when none is named: ``dfq`` when its BN statistics can be read,
+    ``NO_BN_PRESET`` otherwise (with the one-line note a run prints). A teacher file that cannot be
+    loaded gets ``dfq`` here; the run itself then reports what is wrong with the file.
+
+    Example:
+        >>> default_preset("assets/teachers/mnist_lenet5.safetensors")
+        ('dfq', '')
+    """
+    if not teacher_path:
+        return DistillConfig.preset, ""
+    from datafree.teacher import load_teacher
+
+    try:
+        teacher = load_teacher(teacher_path, input_spec=input_spec)
+    except (UserError, OSError, ValueError):
+        return DistillConfig.preset, ""
+    if teacher.has_bn:
+        return DistillConfig.preset, ""
+    return NO_BN_PRESET, (f"note: {teacher.no_bn_reason or 'the teacher has no BatchNorm statistics'}; using the "
+                          f"{NO_BN_PRESET!r} preset, the default for such teachers (pass --preset to choose another)")
 
 
 def build_config(cls, values: dict):
@@ -218,6 +255,8 @@ def validate(cfg: DistillConfig) -> None:
         raise UserError("config field 'max_student_steps' must be at least student_steps")
     if cfg.student_steps < 0 or cfg.synth_steps < 1:
         raise UserError("student_steps must be >= 0 and synth_steps >= 1")
+    if cfg.weights.get("soft") and cfg.generator != "pixels":
+        raise UserError("the soft-target prior (weights.soft) needs the pixels generator: each image has its own target")
     parse_duration(cfg.time_budget)
 
 

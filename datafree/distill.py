@@ -157,6 +157,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
         raise UserError(f"nothing to resume: no checkpoint at {str(ckpt)!r}")
     if not cfg.teacher:
         raise UserError("no teacher given: pass --teacher FILE")
+    if cfg.preset_note and not resume:
+        notify(cfg.preset_note)
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
     teacher = load_teacher(cfg.teacher, input_spec=cfg.teacher_input_spec)

@@ -13,6 +13,7 @@ taps, the student's logits, the asked classes) and returns a scalar that the gen
 | adv         | -disagreement(student, teacher) (L1 / KL / JS at temperature T)     | DFAD, ZSKT, DeepInv ADI |
 | tv          | total variation of the images                                       | DeepInversion           |
 | l2          | mean squared image (input space)                                    | DeepInversion           |
+| soft        | CE(Dirichlet soft target from class similarity, teacher softmax at T=20) | ZSKD                |
 
 Example:
     >>> batch = SynthesisBatch(images=x, t_logits=teacher(x), taps=teacher.bn_taps())   # doctest: +SKIP
@@ -36,6 +37,8 @@ class SynthesisBatch:
     taps: list[BNTap] = field(default_factory=list)
     s_logits: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    soft_targets: torch.Tensor | None = None
+    soft_temperature: float = 20.0
 
 
 def bn_layer_losses(taps: list[BNTap]) -> list[torch.Tensor]:
@@ -119,12 +122,38 @@ def total_variation(images: torch.Tensor, p: int = 2) -> torch.Tensor:
     return dx.pow(2).mean() + dy.pow(2).mean()
 
 
+def soft_target(batch: SynthesisBatch) -> torch.Tensor:
+    """Cross-entropy between each image's sampled soft target and the teacher's softmax at a high
+    temperature (ZSKD's data impressions: Nayak et al., "Zero-Shot Knowledge Distillation in Deep
+    Networks", ICML 2019, eq. 3, T = 20)."""
+    if batch.soft_targets is None:
+        raise ValueError("the soft-target prior needs soft targets (a pixels generator draws them at each reset)")
+    log_p = F.log_softmax(batch.t_logits / batch.soft_temperature, dim=1)
+    return -(batch.soft_targets * log_p).sum(1).mean()
+
+
+def dirichlet_targets(classes: torch.Tensor, similarity: torch.Tensor, betas=(1.0, 0.1), floor: float = 1e-3) -> torch.Tensor:
+    """One soft target per asked class: Dirichlet(beta * similarity row of the class), the first half
+    of the batch at beta 1.0 and the second at 0.1 (ZSKD's two scales). Uses torch's global RNG.
+
+    Example:
+        >>> sim = torch.eye(3) * 0.9 + 0.1
+        >>> dirichlet_targets(torch.tensor([0, 1, 2, 0]), sim).sum(1)
+        tensor([1., 1., 1., 1.])
+    """
+    beta = torch.full((len(classes), 1), betas[0])
+    beta[len(classes) // 2:] = betas[1]
+    alpha = beta * similarity.cpu()[classes.cpu()] + floor
+    return torch.distributions.Dirichlet(alpha).sample().to(classes.device)
+
+
 PRIORS = {
     "onehot": onehot,
     "entropy": entropy,
     "activation": activation,
     "tv": lambda batch: total_variation(batch.images),
     "l2": lambda batch: batch.images.pow(2).mean(),
+    "soft": soft_target,
 }
 """The stateless priors by name; ``bn`` (stateful, per layer) and ``adv`` (needs the student and
 its options) are applied by the synthesizer with :class:`BNStatistics` and :func:`disagreement`."""

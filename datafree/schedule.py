@@ -79,6 +79,7 @@ def measure_costs(module, repeats: int = 3) -> dict:
 
     torch_state = torch.get_rng_state()
     try:
+        synth.on_reset()  # soft targets for a pixel batch (ZSKD), when the preset uses them
         costs = {"synthesis_step_s": _timed(synth_step, repeats),
                  "student_step_s": _timed(lambda: student_step(False), repeats),
                  "student_step_relabel_s": _timed(lambda: student_step(True), repeats)}

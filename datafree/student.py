@@ -168,6 +168,7 @@ class DistillModule(L.LightningModule):
         lr = self._set_student_lr(opt_s)
         if self.synth.is_pixels and cfg.reset_every and step % cfg.reset_every == 0:
             self.generator.reset(self.rng)
+            self.synth.on_reset()
             opt_g.optimizer.state.clear()
         stats = {}
         for _ in range(cfg.synth_steps):
@@ -289,7 +290,7 @@ class DistillModule(L.LightningModule):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
             "rng": self.rng.get_state(),
-            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "bn_previous": self.synth.bn_prior.previous, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
+            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -302,6 +303,7 @@ class DistillModule(L.LightningModule):
         self.rng.set_state(state["rng"])
         self.snapshots = [(int(s), d) for s, d in state["snapshots"]]
         self.synth.bn_prior.previous = state["bn_previous"]
+        self.synth.soft_targets = state.get("soft_targets")
         self.rounds, self.elapsed, self.batches = int(state["rounds"]), float(state["elapsed"]), int(state["batches"])
 
 

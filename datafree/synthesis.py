@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from datafree.config import DistillConfig
-from datafree.priors import PRIORS, BNStatistics, SynthesisBatch, disagreement
+from datafree.priors import PRIORS, BNStatistics, SynthesisBatch, dirichlet_targets, disagreement
 from datafree.teacher import Teacher
 
 
@@ -39,6 +39,17 @@ class Synthesizer:
             self.weights.pop("activation")
         self.bn_prior = BNStatistics(cfg.bn_first_layer, cfg.bn_momentum)
         self.is_pixels = hasattr(generator, "reset")
+        self.similarity, self.soft_targets = None, None
+        if "soft" in self.weights:
+            self.similarity = teacher.class_similarity()
+            if self.similarity is None:
+                notify("note: the teacher's final-layer weights are unreachable; soft targets use uniform class similarity")
+                self.similarity = torch.ones(teacher.num_classes, teacher.num_classes)
+
+    def on_reset(self) -> None:
+        """A pixel batch was redrawn: draw its soft targets (ZSKD) when the preset uses them."""
+        if self.similarity is not None:
+            self.soft_targets = dirichlet_targets(self.generator.targets, self.similarity)
 
     def sample(self, n: int, rng: torch.Generator, classes: torch.Tensor | None = None):
         """Draw ``n`` images (input space) and the classes asked for (None if unconditional)."""
@@ -60,8 +71,11 @@ class Synthesizer:
             j = self.cfg.jitter
             dy, dx = (int(v) for v in torch.randint(-j, j + 1, (2,)))
             images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+        if self.similarity is not None and self.soft_targets is None:  # a batch drawn before any reset
+            self.on_reset()
         features, t_logits = self.teacher.forward_with_features(images)
-        batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets)
+        batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets,
+                               self.soft_targets, self.cfg.soft_temperature)
         terms, stats = {}, {}
         if "bn" in self.weights:
             terms["bn"], stats["bn_per_layer"] = self.bn_prior(batch.taps)

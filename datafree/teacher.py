@@ -143,6 +143,23 @@ class Teacher(nn.Module):
         """The BN statistics recorded by the last forward (empty when the teacher has no BN)."""
         return list(self.recorder.taps)
 
+    def class_similarity(self) -> torch.Tensor | None:
+        """K x K cosine similarity of the final layer's class weight vectors, rescaled to [0, 1] per
+        row (as ZSKD, Nayak et al. 2019); None when no ``classes x features`` weight can be found.
+
+        The final layer is the last 2-D weight whose first dimension is the number of classes: a
+        zoo model's ``head``, the last linear node of a ``.pt2`` program, a TorchScript file's last
+        such parameter.
+        """
+        k = self.num_classes
+        weights = [v for v in self.module.state_dict().values() if v.dim() == 2 and v.shape[0] == k and v.is_floating_point()]
+        if not weights:
+            return None
+        w = torch.nn.functional.normalize(weights[-1].detach().float(), dim=1)
+        sim = w @ w.T
+        low, high = sim.min(1, keepdim=True).values, sim.max(1, keepdim=True).values
+        return (sim - low) / (high - low).clamp(min=1e-8)
+
     def require_bn(self, method: str) -> None:
         """Raise a :class:`UserError` when ``method`` needs BN statistics this teacher cannot give."""
         if self.format == "torchscript":

@@ -96,3 +96,99 @@ def test_synthesizer_samples_on_the_generators_device(generator):
     images, targets = Synthesizer(teacher, gen, cfg).sample(6, torch.Generator().manual_seed(0))
     assert images.device.type == "meta"
     assert targets is None or targets.device.type == "meta"
+
+
+# --- the no-BN path: ZSKD soft targets and the automatic preset -----------------------------------
+
+NOBN_TEACHER = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
+
+
+def test_class_similarity_comes_from_the_final_layer():
+    teacher = load_teacher(NOBN_TEACHER)
+    sim = teacher.class_similarity()
+    w = torch.nn.functional.normalize(teacher.module.head.weight, dim=1)
+    raw = w @ w.T
+    expected = (raw - raw.min(1, keepdim=True).values) / (raw.max(1, keepdim=True).values - raw.min(1, keepdim=True).values)
+    assert sim.shape == (10, 10) and torch.allclose(sim, expected, atol=1e-6)
+    assert torch.allclose(sim.diagonal(), torch.ones(10))
+
+
+def test_class_similarity_of_an_exported_teacher_equals_the_zoo_one(tmp_path):
+    from datafree.export import export_program
+
+    teacher = load_teacher(NOBN_TEACHER)
+    export_program(teacher.module, teacher.spec, tmp_path / "t.pt2")
+    export_program(teacher.module, teacher.spec, tmp_path / "t.ts")
+    for name in ("t.pt2", "t.ts"):
+        assert torch.allclose(load_teacher(tmp_path / name).class_similarity(), teacher.class_similarity(), atol=1e-6), name
+
+
+def test_dirichlet_targets_are_distributions_at_two_scales():
+    from datafree.priors import dirichlet_targets
+
+    torch.manual_seed(0)
+    sim = load_teacher(NOBN_TEACHER).class_similarity()
+    classes = torch.arange(400) % 10
+    t = dirichlet_targets(classes, sim)
+    assert t.shape == (400, 10) and torch.allclose(t.sum(1), torch.ones(400), atol=1e-5) and (t >= 0).all()
+    # beta 0.1 (second half) gives spikier targets than beta 1.0 (first half)
+    assert t[200:].max(1).values.mean() > t[:200].max(1).values.mean() + 0.1
+
+
+def test_soft_prior_lowers_the_gap_to_its_targets():
+    """The ZSKD prior is minimised when the teacher's tempered softmax equals the soft target."""
+    from datafree.priors import SynthesisBatch, soft_target
+
+    target = torch.softmax(torch.randn(4, 10), 1)
+    matched = SynthesisBatch(torch.zeros(4, 1, 2, 2), torch.log(target) * 20, soft_targets=target)
+    other = SynthesisBatch(torch.zeros(4, 1, 2, 2), torch.randn(4, 10) * 20, soft_targets=target)
+    assert soft_target(matched) < soft_target(other)
+
+
+def test_soft_prior_needs_the_pixels_generator():
+    with pytest.raises(UserError, match="pixels generator"):
+        resolve_distill_config("dfq", overrides={"teacher": BN_TEACHER, "weights": {"soft": 1.0}})
+
+
+def test_a_teacher_without_bn_gets_the_no_bn_preset_and_a_note(tmp_path):
+    from datafree.config import NO_BN_PRESET
+
+    bn = resolve_distill_config(overrides={"teacher": BN_TEACHER})
+    assert bn.preset == "dfq" and bn.preset_note == ""
+    nobn = resolve_distill_config(overrides={"teacher": NOBN_TEACHER})
+    assert nobn.preset == NO_BN_PRESET and "no BatchNorm" in nobn.preset_note and "--preset" in nobn.preset_note
+    named = resolve_distill_config("fast", overrides={"teacher": NOBN_TEACHER})
+    assert named.preset == "fast" and named.preset_note == ""  # a preset the user names is kept
+    notes = []
+    cfg = resolve_distill_config(overrides={"teacher": NOBN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed",
+                                            "reset_every": 2, "generator_kwargs": {}} if NO_BN_PRESET != "dfq" else
+                                 {"teacher": NOBN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed"})
+    run_distill(cfg, progress=False, notify=notes.append)
+    assert notes[0] == nobn.preset_note
+
+
+def test_zskd_run_resumes_with_the_same_soft_targets(tmp_path, monkeypatch):
+    """A pixel batch's soft targets are part of the checkpoint: a zskd run stopped in the middle of a
+    batch and resumed equals an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from datafree.distill import RunControl
+
+    base = {"teacher": NOBN_TEACHER, **TINY, "schedule": "fixed", "generator_kwargs": {}, "reset_every": 2, "steps": 6,
+            "checkpoint_every": 3, "eval_every": 3}
+    run_distill(resolve_distill_config("zskd", overrides={**base, "out": str(tmp_path / "whole")}), progress=False)
+    original = RunControl.on_train_batch_end
+
+    def stop_after_round_3(self, trainer, pl_module, *args):
+        original(self, trainer, pl_module, *args)
+        if pl_module.rounds == 3:  # the second pixel batch is half optimised
+            self.stop_requested = trainer.should_stop = True
+
+    cfg = resolve_distill_config("zskd", overrides={**base, "out": str(tmp_path / "part")})
+    monkeypatch.setattr(RunControl, "on_train_batch_end", stop_after_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg, progress=False)
+    monkeypatch.setattr(RunControl, "on_train_batch_end", original)
+    run_distill(cfg, resume=True, progress=False)
+    a, b = load_file(tmp_path / "whole" / "student.safetensors"), load_file(tmp_path / "part" / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
