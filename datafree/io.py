@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from datafree.errors import UserError
 
@@ -59,9 +59,16 @@ def read_json(path) -> dict:
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (tensors made contiguous)."""
+    """Write a safetensors file atomically (tensors made contiguous), byte for byte the same for the
+    same tensors and metadata: safetensors writes its header's keys in hash order, so the header is
+    rewritten with sorted keys (same length, same offsets)."""
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > n:  # never expected: the library writes the same compact JSON
+        raise RuntimeError("cannot canonicalise a safetensors header")
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        Path(tmp).write_bytes(raw[:8] + header + b" " * (n - len(header)) + raw[8 + n:])
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:

@@ -36,8 +36,10 @@ def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return per_class[labels]
 
 
-def agreement_on(student: nn.Module, images: torch.Tensor, t_logits: torch.Tensor) -> float:
-    """Class-balanced percent of samples on which the student's argmax is the teacher's."""
+def agreement_on(student: nn.Module, images: torch.Tensor, t_logits: torch.Tensor) -> float | None:
+    """Class-balanced percent of samples on which the student's argmax is the teacher's (None for no samples)."""
+    if not len(images):
+        return None
     labels = t_logits.argmax(1)
     hits = (predict(student, images).argmax(1) == labels).float()
     w = balanced_weights(labels, t_logits.shape[1])
@@ -48,12 +50,14 @@ def cross_agreement(students: dict[str, nn.Module], holdouts: dict[str, tuple[to
     """For each candidate: the mean, over the *other* candidates, of its class-balanced agreement
     with the teacher on their held-out synthetic samples.
 
-    With a single candidate there is nothing else to score on: its own held-out set is used.
+    With a single candidate there is nothing else to score on: its own held-out set is used. A
+    candidate with no samples to score on gets None.
     """
     scores = {}
     for name, student in students.items():
         others = [h for other, h in holdouts.items() if other != name and len(h[0])] or [holdouts[name]]
-        scores[name] = round(sum(agreement_on(student, *h) for h in others) / len(others), 3)
+        values = [v for v in (agreement_on(student, *h) for h in others) if v is not None]
+        scores[name] = round(sum(values) / len(values), 3) if values else None
     return scores
 
 

@@ -138,7 +138,9 @@ class DistillModule(L.LightningModule):
             if self.cfg.schedule == "auto":
                 from datafree.schedule import fit_schedule
 
+                started = time.monotonic()
                 self.schedule = fit_schedule(self)
+                self.elapsed += time.monotonic() - started  # measuring is part of the run's budget
                 if self.trainer.world_size > 1:  # every rank must take the same number of steps
                     self.schedule = self.trainer.strategy.broadcast(self.schedule, src=0)
             else:

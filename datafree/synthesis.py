@@ -29,8 +29,7 @@ class Synthesizer:
     def __init__(self, teacher: Teacher, generator: nn.Module, cfg: DistillConfig, notify=print):
         self.teacher, self.generator, self.cfg = teacher, generator, cfg
         self.weights = {k: float(v) for k, v in cfg.weights.items() if v}
-        if "bn" in self.weights and not teacher.has_bn:
-            teacher.require_bn(f"the {cfg.preset!r} preset")
+        if "bn" in self.weights and not teacher.has_bn:  # no BN layers, or hidden (TorchScript): fall back and say so
             notify(f"note: {teacher.no_bn_reason}; the {cfg.preset!r} preset goes on with "
                    f"{', '.join(k for k in self.weights if k != 'bn') or 'no other priors'}")
             self.weights.pop("bn")

@@ -108,7 +108,10 @@ def run_task(task: dict) -> dict:
     DistillModule._evaluate = traced
     overrides = {"teacher": teacher_path, "teacher_input_spec": member["input_spec"], "time_budget": budget, "steps": 10 ** 6,
                  "out": str(out), "seed": task["seed"], "checkpoint_every": 10 ** 6, "eval_every": task["eval_every"]}
-    cfg = resolve_distill_config(preset=task["method"], overrides=overrides)
+    preset, _, variant = task["method"].partition("@")  # "dfq@fixed": the preset with a fixed schedule
+    if variant:
+        overrides["schedule"] = variant
+    cfg = resolve_distill_config(preset=preset, overrides=overrides)
     try:
         summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
     finally:
@@ -131,7 +134,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default=str(ROOT / "assets" / "suite" / "suite.json"))
     parser.add_argument("--teachers", help="comma-separated suite names (default: all)")
-    parser.add_argument("--candidates", default="dfq,fast", help="presets the data-free signal chooses between")
+    parser.add_argument("--candidates", default="dfq,dfq@fixed,fast", help="presets (PRESET@SCHEDULE for another schedule) "
+                        "the data-free signal chooses between")
+    parser.add_argument("--no-bn-candidates", default="zskd", help="further candidates for teachers without readable BN statistics")
     parser.add_argument("--bounds", default="kd-real,kd-noise", help="kd-real, kd-noise, or none")
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--workers", type=int, default=1)
@@ -154,10 +159,15 @@ def main():
         members = [m for m in members if m["name"] in args.teachers.split(",")]
     elif args.quick:
         members = members[:2]
-    candidates = args.candidates.split(",")
     bounds = [] if args.bounds == "none" else args.bounds.split(",")
+    extra = [c for c in args.no_bn_candidates.split(",") if c]
+    for m in members:  # which candidates each teacher gets: BN-less teachers (TorchScript hides BN too) get the extra ones
+        has_bn = load_teacher(ROOT / m["file"], input_spec=m["input_spec"]).has_bn
+        m["has_bn"] = has_bn
+        m["candidates"] = args.candidates.split(",") + ([] if has_bn else extra)
+    candidates = list(dict.fromkeys(c for m in members for c in m["candidates"]))
     tasks = [{"member": m, "kind": "distill", "method": c, "budget": args.budget, "seed": args.seed, "threads": args.threads,
-              "workers": args.workers, "eval_every": args.eval_every} for m in members for c in candidates]
+              "workers": args.workers, "eval_every": args.eval_every} for m in members for c in m["candidates"]]
     tasks += [{"member": m, "kind": "bound", "method": b, "budget": args.budget, "seed": args.seed, "threads": args.threads,
                "workers": args.workers} for m in members for b in bounds]
     started = time.time()
@@ -182,7 +192,7 @@ def main():
         mine = [r for r in rows if r["teacher"] == m["name"] and r["method"] in candidates]
         loaded = {r["method"]: load_run_candidate(ROOT / r["run"]) for r in mine}
         scores = cross_agreement({k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()})
-        chosen = max(scores, key=lambda k: (scores[k], -candidates.index(k)))
+        chosen = max(scores, key=lambda k: (scores[k] if scores[k] is not None else -1.0, -candidates.index(k)))
         # 2. then, for the report only, the teacher's and the students' real test accuracy
         teacher = load_teacher(ROOT / m["file"], input_spec=m["input_spec"])
         teacher_acc = round(accuracy(teacher, test_set_for(teacher, m["dataset"])), 2)
@@ -195,6 +205,7 @@ def main():
                 r["seconds_to_90"] = next((t for t, a in r.get("curve", []) if a >= 90.0), None)
         accs = {r["method"]: r["student_acc"] for r in mine}
         best = max(accs, key=accs.get)
+        scores = {k: (v if v is not None else 0.0) for k, v in scores.items()}
         teachers[m["name"]] = {"teacher_acc": teacher_acc, "chosen": chosen, "test_best": best, "scores": scores,
                                "test_acc": accs, "spearman": spearman([scores[k] for k in accs], list(accs.values()))}
     centred_s, centred_a = [], []  # pooled over teachers, each teacher's mean removed
@@ -204,8 +215,18 @@ def main():
         centred_a += [t["test_acc"][k] - ma for k in t["test_acc"]]
     selection = {"teachers": len(teachers), "chosen_is_test_best": sum(t["chosen"] == t["test_best"] for t in teachers.values()),
                  "pooled_spearman_within_teacher": spearman(centred_s, centred_a)}
+    defaults = {}  # the default for each kind of teacher: most data-free wins, then the highest mean signal
+    for kind in ("bn", "no_bn"):
+        group = [t for name, t in teachers.items() if next(m for m in members if m["name"] == name)["has_bn"] == (kind == "bn")]
+        common = set.intersection(*(set(t["scores"]) for t in group)) if group else set()
+        if common:
+            wins = {c: sum(t["chosen"] == c for t in group) for c in common}
+            mean = {c: round(sum(t["scores"][c] for t in group) / len(group), 3) for c in common}
+            defaults[kind] = {"teachers": len(group), "wins": wins, "mean_cross_agreement": mean,
+                              "chosen": max(common, key=lambda c: (wins[c], mean[c]))}
     result = {"machine": _machine(args), "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-              "wall_clock_s": round(time.time() - started), "rows": rows, "teachers": teachers, "selection": selection}
+              "wall_clock_s": round(time.time() - started), "rows": rows, "teachers": teachers, "selection": selection,
+              "defaults": defaults}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     table = _markdown(result)
@@ -229,6 +250,9 @@ def _markdown(result) -> str:
     lines += ["", f"Data-free choice: the chosen method was also the best on the test set for {sel['chosen_is_test_best']} of "
               f"{sel['teachers']} teachers; Spearman rank correlation of cross-agreement with test accuracy (within each "
               f"teacher, pooled): {sel['pooled_spearman_within_teacher']}."]
+    for kind, d in result.get("defaults", {}).items():
+        lines.append(f"Default for teachers {'with' if kind == 'bn' else 'without'} BN ({d['teachers']} teachers): "
+                     f"**{d['chosen']}** (data-free wins {d['wins']}; mean cross-agreement {d['mean_cross_agreement']}).")
     return "\n".join(lines)
 
 
