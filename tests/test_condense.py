@@ -1,10 +1,16 @@
 """Condensation: the matching distance, siamese augmentation, each condenser, export round trips."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from datafree.augment import ALL_FAMILIES, SiameseAugment
 from datafree.cli import main
 from datafree.condense import CONDENSERS, CondenseSettings, condense, match_distance
@@ -97,10 +103,44 @@ def test_condensers_are_deterministic_for_a_seed(tiny_mnist, method):
     assert torch.equal(a.images, b.images)
 
 
-def test_kmeans_and_noise_initialisation(tiny_mnist):
-    for init in ("kmeans", "noise"):
-        result = condense(tiny_mnist, "dm", ipc=2, seed=0, iterations=1, net_width=8, real_per_class=8, init=init)
-        assert result.images.shape == (20, 1, 28, 28)
+def _initial_images(source, init, ipc):
+    """The images a matching condenser starts from (no iteration run)."""
+    result = condense(source, "dm", ipc=ipc, seed=0, iterations=0, net_width=8, real_per_class=8, init=init)
+    assert result.images.shape == (10 * ipc, 1, 28, 28) and result.labels.tolist() == [c for c in range(10) for _ in range(ipc)]
+    return result.images
+
+
+def test_real_initialisation_starts_from_source_images_of_each_class(tiny_mnist):
+    """init=real: every starting image is a distinct source image of the class it stands for."""
+    images = _initial_images(tiny_mnist, "real", ipc=3)
+    for i, img in enumerate(images):
+        matches = (tiny_mnist.images == img).flatten(1).all(1)
+        assert matches.any() and set(tiny_mnist.labels[matches].tolist()) == {i // 3}
+    assert len({img.numpy().tobytes() for img in images}) == 30
+
+
+def test_kmeans_initialisation_gives_class_wise_centres(tiny_mnist):
+    """init=kmeans: with one centre per class it is the class mean; with two, each centre is nearer its own class mean."""
+    means = torch.stack([tiny_mnist.images[tiny_mnist.labels == c].mean(0) for c in range(10)])
+    one = _initial_images(tiny_mnist, "kmeans", ipc=1)
+    assert torch.allclose(one, means, atol=1e-4)
+    two = _initial_images(tiny_mnist, "kmeans", ipc=2)
+    distances = torch.cdist(two.flatten(1), means.flatten(1))  # 20 centres x 10 class means
+    assert distances.argmin(1).tolist() == [c for c in range(10) for _ in range(2)]
+    assert all(not (tiny_mnist.images == img).flatten(1).all(1).any() for img in two)  # centres, not picked images
+    assert all(not torch.allclose(two[2 * c], two[2 * c + 1]) for c in range(10))  # two different centres per class
+
+
+def test_noise_initialisation_is_noise_not_source_images(tiny_mnist):
+    """init=noise: standard normal noise, none of it a source image."""
+    images = _initial_images(tiny_mnist, "noise", ipc=2)
+    assert all(not (tiny_mnist.images == img).flatten(1).all(1).any() for img in images)
+    assert abs(images.mean().item()) < 0.05 and abs(images.std().item() - 1) < 0.05
+    assert torch.cdist(images.flatten(1), tiny_mnist.images.flatten(1)).min() > 10  # not near any source image either
+
+
+def test_unknown_initialisation(tiny_mnist):
+    """An unknown --init is a user error naming it."""
     with pytest.raises(UserError, match="unknown initialisation"):
         condense(tiny_mnist, "dm", ipc=2, iterations=1, init="zeros")
 
@@ -158,6 +198,69 @@ def test_evaluate_set_command_line(tmp_path, capsys):
     assert "+-" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["evaluations"][0]["protocol"]["models"] == 2
+
+
+def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
+    """evaluate_set trains ConvNet 128/3/instance norm with SGD lr 0.01, momentum 0.9, wd 5e-4, x0.1 at half, batch 256, DSA, 300 epochs."""
+    from pathlib import Path
+
+    from torch import nn
+
+    import datafree.evaluate as evaluate
+    from datafree.augment import DIGIT_FAMILIES
+    from datafree.cli import build_parser
+    from datafree.models import ConvNet
+    from datafree.training import SupervisedModule
+
+    documented = {"arch": "convnet", "arch_kwargs": {"width": 128, "depth": 3, "norm": "instance"}, "optimizer": "SGD",
+                  "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "x0.1 at half", "batch_size": 256,
+                  "augmentation": "DSA (one family per batch)", "epochs": 300}
+    assert evaluate.PROTOCOL == documented
+    readme = " ".join((Path(evaluate.__file__).parent.parent / "README.md").read_text().split())
+    for text in (readme, " ".join(evaluate.__doc__.split())):
+        for phrase in ("width 128, depth 3, instance norm", "SGD lr 0.01, momentum 0.9, weight decay 5e-4", "x0.1 at half",
+                       "batch 256", "DSA augmentation while training", "300 epochs"):
+            assert phrase in text, phrase
+
+    calls = []
+
+    def fake_fit(model, data, **kwargs):  # what evaluate_set asks the trainer for, without training
+        calls.append((model, data, kwargs))
+        return model
+
+    monkeypatch.setattr(evaluate, "fit_supervised", fake_fit)
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, data: [90.0, 92.0, 94.0][len(calls) - 1])
+    result = evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=3)
+    assert (result["mean"], result["std"], result["accuracies"]) == (92.0, 2.0, [90.0, 92.0, 94.0])
+    assert result["protocol"]["epochs"] == 300 and result["protocol"]["models"] == 3
+    assert len(calls) == 3 and len({id(model) for model, _, _ in calls}) == 3  # a fresh network each time
+    for model, data, kwargs in calls:
+        assert data is tiny_mnist and isinstance(model, ConvNet)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert [(c.out_channels, c.kernel_size) for c in convs] == [(128, (3, 3))] * 3
+        norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+        assert [(n.num_groups, n.num_channels) for n in norms] == [(128, 128)] * 3  # instance norm
+        assert sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 3
+        assert {k: kwargs[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "nesterov")} == \
+            {"epochs": 300, "batch_size": 256, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [150], "nesterov": False}
+        assert isinstance(kwargs["augment"], evaluate.DSATransform) and kwargs["augment"].dsa.families == DIGIT_FAMILIES
+
+    # the trainer turns those settings into SGD with a x0.1 step at the milestone
+    model, _, kwargs = calls[0]
+    module = SupervisedModule(model, lr=kwargs["lr"], momentum=kwargs["momentum"], weight_decay=kwargs["weight_decay"],
+                              milestones=kwargs["milestones"], nesterov=kwargs["nesterov"])
+    configured = module.configure_optimizers()
+    opt, sched = configured["optimizer"], configured["lr_scheduler"]
+    assert isinstance(opt, torch.optim.SGD) and configured["lr_scheduler"]["interval"] == "epoch"
+    assert {k: opt.defaults[k] for k in ("lr", "momentum", "weight_decay", "nesterov")} == \
+        {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
+    assert isinstance(sched["scheduler"], torch.optim.lr_scheduler.MultiStepLR)
+    assert dict(sched["scheduler"].milestones) == {150: 1} and sched["scheduler"].gamma == 0.1
+    # and the command line's defaults are the protocol's
+    parser = build_parser()
+    args = parser.parse_args(["evaluate-set", "somewhere"])
+    assert (args.arch, args.epochs) == ("convnet", 300)
+    assert parser.parse_args(["condense", "--out", "x"]).epochs == 300
 
 
 def test_huggingface_datasets_reads_the_folder(tiny_mnist, tmp_path, monkeypatch):
@@ -238,7 +341,9 @@ def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist,
                      "--net-width", "8", "--real-per-class", "4", "--soft-labels", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     back, soft, manifest = load_image_set(tmp_path / "c")
     assert manifest["source"]["kind"].startswith("transfer set") and manifest["teacher_sha256"] == sha256_file(teacher_path)
-    assert soft.shape == (len(back), 10) and torch.allclose(soft.sum(1), torch.ones(len(back)), atol=1e-5)
+    assert soft.shape == (len(back), 10)
+    # the soft labels are the run's teacher's softmax (T=1) of the condensed images as saved
+    assert torch.allclose(soft, predict(teacher, back.images).softmax(1), atol=1e-5, rtol=0)
     assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "history.jsonl").is_file()
     (run / "config.yaml").write_text("teacher: /nowhere/teacher.safetensors\n")
     assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--out", str(tmp_path / "d")]) == 2
@@ -263,3 +368,72 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--soft-labels", "--out", str(tmp_path / "o4")]) == 2
     assert "distill run" in capsys.readouterr().err
+
+
+def _condense_cli(source, out, *extra, env=None):
+    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "8",
+            "--real-per-class", "16", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_progress(path, done, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(path.read_text())["done"] >= done:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no progress to {done} (exit status {proc.poll()})")
+
+
+def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
+    """datafree condense stopped (Ctrl-C), resumed, SIGKILLed mid-run and resumed again ends with the uninterrupted run's images."""
+    import numpy as np
+
+    source = tmp_path / "mnist200.npz"  # 20 real digits a class: quick to load in each process
+    pixels = (tiny_mnist.spec.denormalize(tiny_mnist.images)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
+    np.savez(source, x=pixels.numpy(), y=tiny_mnist.labels.numpy())
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    straight = _condense_cli(source, tmp_path / "straight", env=env)
+    _, stderr = straight.communicate(timeout=300)
+    assert straight.returncode == 0, stderr
+
+    out, progress = tmp_path / "killed", tmp_path / "progress.json"
+    env = dict(env, DATAFREE_PROGRESS_FILE=str(progress))
+    checkpoint = out / "checkpoints" / "condense.pt"
+    first = _condense_cli(source, out, env=env)
+    _wait_for_progress(progress, 1, first)  # the progress file is written at once after the first iteration
+    first.send_signal(signal.SIGSTOP)  # a pause that the run's own clock counts: its history shows it
+    time.sleep(1.5)
+    first.send_signal(signal.SIGCONT)
+    _wait_for_progress(progress, 2, first)  # written at the first iteration after the pause
+    first.send_signal(signal.SIGINT)  # Ctrl-C: the last finished iteration goes to the checkpoint
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130 and "--resume" in stderr
+    state = torch.load(checkpoint, weights_only=True)
+    saved, saved_history = state["iteration"], json.loads(state["history"])
+    assert 2 <= saved < 20 and saved_history[-1]["seconds"] >= 1.5
+
+    progress.unlink()
+    second = _condense_cli(source, out, "--resume", env=env)
+    _wait_for_progress(progress, saved + 1, second)  # at least one iteration past the checkpoint
+    second.send_signal(signal.SIGKILL)  # no chance to save anything: the work since the checkpoint is lost
+    second.wait(timeout=60)
+    assert second.returncode == -signal.SIGKILL and not (out / "dataset.safetensors").exists()
+    assert torch.load(checkpoint, weights_only=True)["iteration"] == saved  # intact, and the resume goes back to it
+
+    third = _condense_cli(source, out, "--resume", env=env)
+    stdout, stderr = third.communicate(timeout=300)
+    assert third.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["iterations"] == 20
+    a, _, manifest_a = load_image_set(tmp_path / "straight")
+    b, _, manifest_b = load_image_set(out)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert manifest_b["iterations_done"] == manifest_a["iterations_done"] == 20
+    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == list(range(1, 21))
+    # continued from the checkpoint, not restarted: the first run's iterations (with its pause) were kept, not recomputed
+    assert history[:saved] == saved_history
