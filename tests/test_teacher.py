@@ -230,8 +230,6 @@ def test_safetensors_without_card_needs_arch(tiny_teacher):
     assert torch.equal(teacher(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="safetensors (0.8) writes the __metadata__ keys (format, arch) in a random "
-                                       "order, so the same weights saved twice differ in header bytes and in the card's sha256")
 def test_save_model_is_byte_reproducible(tmp_path):
     """Saving the same model twice gives byte-identical files (and so the same sha256 in the card)."""
     model = create_model("lenet5_half").eval()
