@@ -16,11 +16,57 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "datafree.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+# every command and subcommand, with options a user looks for in its help
+COMMANDS = {
+    "teacher train": ["--dataset", "--arch", "--epochs", "--out", "--overwrite"],
+    "teacher inspect": ["--arch", "--dataset", "--input-spec", "--json"],
+    "teacher export": ["--to", "--input-spec", "--overwrite"],
+    "distill": ["--teacher", "--student", "--preset", "--steps", "--time-budget", "--out", "--resume", "--eval-data", "--strategy"],
+    "condense": ["--source", "--ipc", "--method", "--init", "--soft-labels", "--resume", "--evaluate", "--out"],
+    "evaluate-set": ["--arch", "--models", "--epochs", "--test", "--record"],
+    "audit": ["--real", "--teacher", "--quantile", "--strict"],
+    "export student": ["--out", "--test", "--int8", "--overwrite"],
+    "serve": ["--host", "--port", "--store", "--workers", "--max-upload-mb"],
+}
+
+
+def _leaf_parsers(parser, prefix=()):
+    """(command words, parser) of every runnable command of the parser tree."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(prefix), parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _leaf_parsers(child, (*prefix, name))
+
+
 def test_help_lists_the_commands():
+    """datafree --help exits 0 and names every top-level command; the parser has exactly the commands listed here."""
+    from datafree.cli import build_parser
+
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("teacher", "distill"):
-        assert command in out.stdout
+    for command in {c.split()[0] for c in COMMANDS}:
+        assert command in out.stdout, command
+    assert sorted(name for name, _ in _leaf_parsers(build_parser())) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_command_help_exits_0_and_shows_its_options(command, capsys):
+    """`datafree COMMAND --help` exits 0 and shows every option of that command (and the ones listed above)."""
+    from datafree.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit:
+        main([*command.split(), "--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: datafree {command}")
+    parser = dict(_leaf_parsers(build_parser()))[command]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for option in {*options, *COMMANDS[command]}:
+        assert option in text, option
 
 
 def test_three_shipped_teachers_with_cards():
