@@ -174,6 +174,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if not _launched_worker():  # DDP worker processes re-run this command: rank 0 owns the folder
         if not resume:
             check_writable_dir(out, overwrite)
+            for stale in (out / "metrics.jsonl", out / CHECKPOINT, *sorted((out / "grids").glob("step_*.png"))):
+                stale.unlink(missing_ok=True)  # an overwritten run starts its log and grids afresh
         write_text(out / "config.yaml", to_yaml(cfg))
     log = MetricsLog(out / "metrics.jsonl")
     if resume:

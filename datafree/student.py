@@ -292,7 +292,9 @@ class DistillModule(L.LightningModule):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
             "rng": self.rng.get_state(),
-            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets, "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
+            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule),
+            "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets,
+            "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
         }
 
     def on_load_checkpoint(self, checkpoint):
