@@ -343,6 +343,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from datafree.config import DEFAULT_CONDENSE_METHOD
+
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -411,12 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("condense", help="condense a data set (or a distill run's transfer set) to a few images per class")
     p.add_argument("--source", default="mnist", help="data set name, folder, .npz, or a distill run folder (data-free)")
     p.add_argument("--ipc", type=int, default=10, help="images per class")
-    p.add_argument("--method", default="dsa", help="dc, dsa, dm, random, herding, kcenter")
+    p.add_argument("--method", default=DEFAULT_CONDENSE_METHOD, help=f"dc, dsa, dm, random, herding, kcenter (default {DEFAULT_CONDENSE_METHOD}, "
+                   "chosen on a validation split: BENCHMARKS.md)")
     p.add_argument("--steps", type=int, default=1000, help="outer iterations (each with a fresh network)")
     p.add_argument("--time-budget", help="stop after this long, e.g. 15m")
     p.add_argument("--init", default="real", help="real, noise or kmeans")
     p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 128)")
-    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 32; published 128)")
+    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 64, chosen on a validation split; published 128)")
     p.add_argument("--outer-loop", type=int, help="matching steps per fresh network (default by ipc)")
     p.add_argument("--inner-loop", type=int, help="network updates between matching steps (default by ipc)")
     p.add_argument("--soft-labels", action="store_true", help="data-free mode: keep the teacher's soft labels with the images")

@@ -35,6 +35,10 @@ PUBLISHED = {  # DESIGN.md: ConvNet test accuracy at 1 / 10 / 50 images per clas
 }
 
 
+ITERATION_IS = {"dc": "one fresh matching network (outer x inner steps by ipc)", "dsa": "one fresh matching network (outer x inner steps by ipc)",
+                "dm": "one matching step on a fresh random network"}
+
+
 def _source(dataset: str):
     """A real training set by name, or ``transfer:RUN`` for a distill run's transfer set (no real data)."""
     if dataset.startswith("transfer:"):
@@ -59,6 +63,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the methods")
     parser.add_argument("--out", default=str(ROOT / "bench" / "condense.json"))
     parser.add_argument("--merge", action="store_true", help="add to (or replace rows in) an existing --out")
+    parser.add_argument("--load", default="alone", help="what ran beside this benchmark, recorded with every row")
     args = parser.parse_args()
     settings = {}
     if args.quick:
@@ -82,7 +87,10 @@ def main():
         rows.append({"dataset": label, "ipc": int(ipc), "method": method, "budget": budget,
                      "iterations": len(result.history) or None, "seconds": round(seconds, 1), "mean": scored["mean"],
                      "std": scored["std"], "accuracies": scored["accuracies"],
-                     "published": published[column] if published and column is not None else None})
+                     "published": published[column] if published and column is not None else None,
+                     "iteration_is": ITERATION_IS.get(method, "-"), "load": args.load, "command": " ".join(["python", *sys.argv]),
+                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "run_date": time.strftime("%Y-%m-%d"),
+                     "protocol": f"datafree fixed protocol, {args.models} models x {args.epochs} epochs"})
         print(json.dumps(rows[-1]), flush=True)
         write_results(args, rows)  # after every row: a stopped run keeps what it measured
 
@@ -100,11 +108,12 @@ def write_results(args, rows):
     out.write_text(json.dumps(result, indent=2))
     lines = [f"Machine: {result['machine']}. Date: {result['date']}. Evaluation: {result['evaluation']} (fixed protocol). "
              f"Last command: `{result['command']}`", "",
-             "| data set | ipc | method | budget | iterations | condensation s | accuracy % (mean +- std) | published % |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| data set | ipc | method | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('budget', '-')} | {r['iterations'] or '-'} | "
-                     f"{r['seconds']} | {r['mean']} +- {r['std']} | {r['published'] if r['published'] is not None else '-'} |")
+                     f"{r['seconds']} | {r['mean']} +- {r['std']} | {r['published'] if r['published'] is not None else '-'} | "
+                     f"{r.get('load', 'see the notes below')} |")
     table = "\n".join(lines)
     print(table)
     if not args.quick:

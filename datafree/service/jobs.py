@@ -91,9 +91,9 @@ def validate_job(store, kind: str, config: dict) -> dict:
             _finished_job(store, source, ("distill",), "source")
         else:
             _data_name(source, "source")
-        from datafree.condense import CONDENSERS
+        from datafree.condense import CONDENSERS, DEFAULT_METHOD
 
-        CONDENSERS.get_or_fail(config.get("method", "dsa"))
+        CONDENSERS.get_or_fail(config.get("method", DEFAULT_METHOD))
         if config.get("time_budget") is not None:
             parse_duration(config["time_budget"])
         for key in ("ipc", "steps", "real_per_class", "net_width", "outer_loop", "inner_loop", "epochs"):
