@@ -343,7 +343,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datafree.config import DEFAULT_CONDENSE_METHOD
+    from datafree.config import DEFAULT_CONDENSE_METHOD, NO_BN_PRESET, PRESETS, DistillConfig
 
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-spec", dest="teacher_input_spec", help="the teacher's input, CxHxW[:mean:std], when its file does not say")
     p.add_argument("--student", help="zoo architecture, or a .safetensors + card to start from (default lenet5_half)")
     p.add_argument("--student-kwargs", type=json.loads, help='JSON settings of the student arch, e.g. \'{"width": 32}\'')
-    p.add_argument("--preset", help="dafl, dfad, zskt, dfq (default), deepinversion, fast")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"default: {DistillConfig.preset} for a teacher with BN statistics, {NO_BN_PRESET} for one without")
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("--steps", type=int, help="synthesis rounds")
     p.add_argument("--time-budget", help="wall-clock limit, e.g. 10m; the best checkpoint so far is kept")
@@ -393,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="synthetic images per generator step")
     p.add_argument("--student-steps", type=int, help="student updates per round (the least, under --schedule auto)")
     p.add_argument("--schedule", choices=["auto", "fixed"],
-                   help="auto (default): student steps per round fitted to the measured cost of the teacher; fixed: as the preset says")
+                   help="fixed (default): student steps per round as the preset says; auto: fitted to the measured cost of the teacher")
     p.add_argument("--student-share", type=float, help="auto schedule: fraction of each round's time for student steps (default 0.5)")
     p.add_argument("--pool-size", type=int)
     p.add_argument("--checkpoint-every", type=int)

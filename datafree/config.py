@@ -52,7 +52,7 @@ class DistillConfig:
     lr_student: float = 0.05
     student_optimizer: str = "sgd"
     student_steps: int = 5                 # student updates per round, on pool samples (the floor under schedule=auto)
-    schedule: str = "auto"                 # auto: student steps per round fitted to the measured teacher cost; fixed: as set
+    schedule: str = "fixed"                # fixed: as the preset says; auto: student steps fitted to the measured teacher cost
     student_share: float = 0.5             # auto: the fraction of each round's time that goes to student steps
     max_student_steps: int = 40            # auto: the most student steps per round
     student_batch: int = 256

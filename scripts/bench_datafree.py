@@ -134,7 +134,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default=str(ROOT / "assets" / "suite" / "suite.json"))
     parser.add_argument("--teachers", help="comma-separated suite names (default: all)")
-    parser.add_argument("--candidates", default="dfq,dfq@fixed,fast", help="presets (PRESET@SCHEDULE for another schedule) "
+    parser.add_argument("--candidates", default="dfq,dfq@auto,fast", help="presets (PRESET@SCHEDULE for another schedule) "
                         "the data-free signal chooses between")
     parser.add_argument("--no-bn-candidates", default="zskd", help="further candidates for teachers without readable BN statistics")
     parser.add_argument("--bounds", default="kd-real,kd-noise", help="kd-real, kd-noise, or none")
