@@ -145,6 +145,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="20 s per row, first two teachers: checks the script, not the methods")
     parser.add_argument("--out", default=str(ROOT / "bench" / "datafree_suite.json"))
+    parser.add_argument("--no-markdown", action="store_true", help="write the JSON only, not the table in BENCHMARKS.md")
     args = parser.parse_args()
     if args.quick:
         args.budget, args.eval_every = "20s", 10
@@ -231,7 +232,7 @@ def main():
     Path(args.out).write_text(json.dumps(result, indent=2))
     table = _markdown(result)
     print(table)
-    if not args.quick:
+    if not (args.quick or args.no_markdown):
         _update_benchmarks_md(table)
 
 
