@@ -51,6 +51,8 @@ def measure_costs(module, repeats: int = 3) -> dict:
     """Seconds for one synthesis step, one teacher forward of a student batch, and one student
     step (with and without re-labelling), measured on copies of the generator and the student
     with a private random generator: the run itself is not changed by measuring it."""
+    from datafree.student import kd_loss
+
     cfg, teacher = module.cfg, module.teacher
     student, generator = copy.deepcopy(module.student), copy.deepcopy(module.generator)
     synth = copy.copy(module.synth)
@@ -70,11 +72,10 @@ def measure_costs(module, repeats: int = 3) -> dict:
         generator.zero_grad(set_to_none=True)
         student.zero_grad(set_to_none=True)
 
-    def student_step(relabel: bool):
-        logits = teacher(x) if relabel else t
-        from datafree.student import kd_loss
-
-        kd_loss(student(x), logits.detach(), cfg.kd_temperature).backward()
+    def student_step(relabel: bool):  # a re-labelled step pays for the augmentation and the teacher pass
+        inputs = module.augment(x) if relabel and module.augment is not None else x
+        logits = teacher(inputs) if relabel else t
+        kd_loss(student(inputs), logits.detach(), cfg.kd_temperature).backward()
         student.zero_grad(set_to_none=True)
 
     torch_state = torch.get_rng_state()
