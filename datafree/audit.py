@@ -8,7 +8,10 @@ teacher is given, in the teacher's penultimate feature space:
   distances (the ``quantile`` of each sampled real image's distance to its nearest *other* real
   image), so "as close to a real image as real images are to each other, at the 1% tail";
 - diversity, with or without real data: within-set nearest-neighbour distances, duplicates inside
-  the set, class coverage and the balance of the class histogram.
+  the set, class coverage and the balance of the class histogram;
+- traceability, for a set whose images started from real images (``init_source``) audited against
+  that same source: how many images are still nearest to the very image they started from, and
+  how far they moved from it.
 
 Example:
     >>> report = audit_set(synthetic, real=load_dataset("mnist"), teacher=None)   # doctest: +SKIP
@@ -91,7 +94,7 @@ def _leakage(syn: np.ndarray, real: np.ndarray, quantile: float, calibration: in
     return {"threshold": threshold, "threshold_rule": f"{quantile:g} quantile of real-to-real nearest-neighbour distances "
             f"({len(sample)} real images)", "near_copies": int(len(flagged)),
             "near_copy_indices": flagged[:100].tolist(), "nearest_real_index": i[flagged[:100], 0].tolist(),
-            "nn1": _stats(nn1), "ratio": _stats(ratio), "real_to_real": _stats(real_to_real)}
+            "nn1": _stats(nn1), "ratio": _stats(ratio), "real_to_real": _stats(real_to_real), "nearest_all": i[:, 0]}
 
 
 def _diversity(syn: np.ndarray, labels: torch.Tensor, num_classes: int) -> dict:
@@ -105,12 +108,36 @@ def _diversity(syn: np.ndarray, labels: torch.Tensor, num_classes: int) -> dict:
             "within_set_nn": _stats(within), "exact_duplicates": duplicates}
 
 
+def traceability(syn: np.ndarray, real: np.ndarray, init_source: np.ndarray, nearest: np.ndarray) -> dict:
+    """For images that started from a real image (``init_source >= 0``, an index into ``real``): how many
+    are still nearest to that image, and their distance to it beside the distance to the nearest real image.
+
+    Example:
+        >>> real = np.eye(3, dtype=np.float32)
+        >>> traceability(real[[0, 2]] * 0.9, real, np.array([0, 1]), np.array([0, 2]))["nearest_is_own_source"]
+        1
+    """
+    started = np.flatnonzero(init_source >= 0)
+    if len(started) == 0:
+        return {"images_from_source": 0}
+    own = init_source[started]
+    if own.max() >= len(real):
+        raise UserError(f"the set's init_source points past the {len(real)} real images: audit it against the set it was condensed from")
+    still = nearest[started] == own
+    moved = np.linalg.norm(syn[started] - real[own], axis=1)
+    return {"images_from_source": int(len(started)), "nearest_is_own_source": int(still.sum()),
+            "fraction_nearest_is_own_source": float(still.mean()), "distance_to_own_source": _stats(moved),
+            "rule": "an image is traceable when its nearest real image (pixel space) is the real image it was initialised from"}
+
+
 def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, quantile: float = 0.01,
-              calibration: int = 2000, seed: int = 0) -> dict:
+              calibration: int = 2000, seed: int = 0, init_source: torch.Tensor | None = None) -> dict:
     """Audit ``synthetic`` against ``real`` (optional) in pixel space and, with ``teacher``, in its feature space.
 
     ``synthetic`` and ``real`` may use different normalisations (both are compared as [0, 1] pixels)
     but must have the same channels and size. The verdict is ``fail`` when any near-copy is found.
+    ``init_source`` (per synthetic image, the index in ``real`` of the image it started from, or -1)
+    adds the traceability figures; pass it only when ``real`` is the set the images started from.
 
     Example:
         >>> audit_set(condensed, real=load_dataset("mnist"))["pixel"]["near_copies"]   # doctest: +SKIP
@@ -129,10 +156,17 @@ def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, q
     if (real.spec.channels, real.spec.size) != (synthetic.spec.channels, synthetic.spec.size):
         raise UserError(f"the synthetic images are {synthetic.spec.describe()} but the real ones {real.spec.describe()}")
     report["real"] = {"name": real.name, "count": len(real.images)}
-    report["pixel"] = _leakage(syn_px, _pixels(real), quantile, calibration, rng)
+    real_px = _pixels(real)
+    report["pixel"] = _leakage(syn_px, real_px, quantile, calibration, rng)
+    if init_source is not None:
+        nearest = report["pixel"].pop("nearest_all")
+        report["traceability"] = traceability(syn_px, real_px, init_source.numpy(), nearest)
+    else:
+        report["pixel"].pop("nearest_all")
     copies = report["pixel"]["near_copies"]
     if teacher is not None:
         report["feature"] = _leakage(_features(teacher, synthetic), _features(teacher, real), quantile, calibration, rng)
+        report["feature"].pop("nearest_all")
         copies = max(copies, report["feature"]["near_copies"])
     report["verdict"] = "pass" if copies == 0 else "fail"
     return report

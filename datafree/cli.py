@@ -15,7 +15,6 @@ A user's mistake ends in one sentence on stderr and exit status 2; a bug keeps i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -146,119 +145,38 @@ def _card_dataset(teacher_path) -> str | None:
     return None
 
 
-def _teacher_of_run(run_dir: Path):
-    """The teacher a distill run used, checked against the hash its transfer set recorded."""
-    from datafree.config import load_yaml
-    from datafree.io import sha256_file
-    from datafree.teacher import load_teacher
-
-    cfg = load_yaml(run_dir / "config.yaml")
-    path, expected = cfg.get("teacher"), json.loads((run_dir / "manifest.json").read_text()).get("teacher_sha256")
-    if not path or not Path(path).is_file():
-        raise UserError(f"soft labels need the run's teacher, but {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
-    if expected and sha256_file(path) != expected:
-        raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
-    return load_teacher(path, input_spec=cfg.get("teacher_input_spec")), expected
-
-
 def cmd_condense(args) -> int:
-    import contextlib
+    from datafree.condense_job import JOB_FIELDS, job_from_dict, run_condense
 
-    from tqdm.auto import tqdm
-
-    from datafree.condense import condense
-    from datafree.config import parse_duration
-    from datafree.data import load_dataset, load_transfer_set, no_real_data
-    from datafree.export import save_image_set
-    from datafree.io import check_writable_dir, sha256_file, write_text
-    from datafree.progress import ProgressFile
-    from datafree.report import write_report
-
-    source_path = Path(args.source)
-    data_free = (source_path / "transfer.safetensors").is_file()
-    if data_free:  # labels from the teacher, no real image touched
-        source, _ = load_transfer_set(source_path)
-        source_info = {"name": str(source_path), "kind": "transfer set (no real data)",
-                       "sha256": sha256_file(source_path / "transfer.safetensors"),
-                       "teacher_sha256": json.loads((source_path / "manifest.json").read_text()).get("teacher_sha256")}
-    else:
-        if args.soft_labels:
-            raise UserError("--soft-labels needs a distill run folder as --source (the teacher labels the images)")
-        source = load_dataset(args.source, train=True, data_dir=args.data_dir)
-        digest = hashlib.sha256(source.images.numpy().tobytes())
-        digest.update(source.labels.numpy().tobytes())
-        source_info = {"name": source.name, "kind": "real data", "count": len(source),
-                       "sha256": digest.hexdigest(), "sha256_of": "the normalised float32 images, then the int64 labels"}
-    teacher = _teacher_of_run(source_path)[0] if args.soft_labels else None  # checked before hours of work
-    checkpoint = Path(args.out) / "checkpoints" / "condense.pt"
-    if args.resume:
-        if not checkpoint.is_file():
-            raise UserError(f"nothing to resume: no checkpoint at {str(checkpoint)!r}")
-        out = Path(args.out)
-    else:
-        out = check_writable_dir(args.out, args.overwrite)
-    budget = parse_duration(args.time_budget)
-    bar = tqdm(total=args.steps, desc=f"condense {args.method}", unit="it", disable=args.no_progress)
-    report = ProgressFile()
-
-    def progress(done, total, record):
-        bar.update(done - bar.n)
-        bar.set_postfix(loss=f"{record.get('match_loss', 0):.3f}", refresh=False)
-        fraction = max(done / total, record["seconds"] / budget if budget else 0.0)
-        report.update(fraction, done, total, {"match_loss": round(record.get("match_loss", 0.0), 5)})
-
-    extra = {"iterations": args.steps, "init": args.init, "time_budget": budget}
-    for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
-        if getattr(args, name):
-            extra[name] = getattr(args, name)
-    with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
-        result = condense(source, args.method, args.ipc, seed=args.seed, progress=progress, checkpoint=checkpoint,
-                          resume=args.resume, **extra)
-    bar.close()
-    soft = None
-    if teacher is not None:
-        from datafree.training import predict
-
-        soft = predict(teacher, result.images).softmax(1)
-    manifest = {"ipc": args.ipc, "method": args.method, "settings": {k: v for k, v in extra.items() if v is not None},
-                "seed": args.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
-                "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
-                "iterations_done": len(result.history), "seconds": result.history[-1]["seconds"] if result.history else 0.0,
-                "history_tail": result.history[-3:]}
-    if args.evaluate:
-        from datafree.data import ImageSet
-        from datafree.evaluate import evaluate_set
-
-        test_name = args.test or (None if data_free else source.name)
-        if test_name:  # real data only after condensation, for the report
-            test = load_dataset(test_name, train=False, data_dir=args.data_dir)
-            condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
-            manifest["evaluation"] = evaluate_set(condensed, test, models=args.evaluate, epochs=args.epochs)
-    save_image_set(out, result.images, result.labels, source.spec, manifest, soft)
-    write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
-    write_report(out)
-    print(json.dumps({"out": str(out), "images": len(result.labels), "iterations": len(result.history),
-                      "evaluation": manifest.get("evaluation", {}).get("mean")}))
+    values = {name: getattr(args, name) for name in JOB_FIELDS if hasattr(args, name)}
+    values["progress"] = not args.no_progress
+    summary = run_condense(job_from_dict(values))
+    if "rank" not in summary:  # the other processes of a scaled-out run print nothing
+        print(json.dumps(summary))
     return 0
 
 
 def cmd_evaluate_set(args) -> int:
-    from datafree.data import ImageSet, load_dataset
+    from datafree.data import ImageSet, dataset_spec, load_dataset
     from datafree.evaluate import evaluate_set
-    from datafree.export import load_image_set
+    from datafree.export import read_set
     from datafree.io import write_json
 
-    condensed, _, manifest = load_image_set(args.path)
+    own = (Path(args.path) / "dataset.safetensors").is_file()
+    manifest = json.loads((Path(args.path) / "manifest.json").read_text()) if own else {}
     test_name = args.test or manifest.get("source", {}).get("name")
     if not test_name or test_name.startswith("runs") or "/" in test_name:
         raise UserError("say which real test set to score on with --test (e.g. --test mnist)")
-    test = load_dataset(test_name, train=False, data_dir=args.data_dir)
+    condensed, _, manifest = read_set(args.path, spec=None if own else dataset_spec(test_name))
+    test = load_dataset(test_name, train=False, data_dir=args.data_dir, download=getattr(args, "download", False))
     if (condensed.spec.channels, condensed.spec.size) != (test.spec.channels, test.spec.size):
         raise UserError(f"the set holds {condensed.spec.describe()} images but {test_name} is {test.spec.describe()}")
     result = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
-                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed)
+                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=True)
     print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {args.models} models on the {test_name} test set")
     if args.record:
+        if not own:
+            raise UserError("--record writes into a datafree set's manifest.json; this folder has none (use --out)")
         manifest.setdefault("evaluations", []).append(result)
         write_json(Path(args.path) / "manifest.json", manifest)
     if args.out:
@@ -266,24 +184,38 @@ def cmd_evaluate_set(args) -> int:
     return 0
 
 
-def load_synthetic(path):
-    """A condensed set folder or a distill run's transfer set, with the teacher when the folder names one."""
+def load_synthetic(path, spec=None):
+    """A condensed set folder, a plain image folder (read with ``spec``), or a distill run's transfer
+    set: ``(images, the run's teacher or None, manifest)``."""
+    from datafree.condense_job import teacher_of_run
     from datafree.data import load_transfer_set
-    from datafree.export import load_image_set
+    from datafree.export import read_set
 
     path = Path(path)
     if (path / "transfer.safetensors").is_file():
         images, _ = load_transfer_set(path)
-        return images, (_teacher_of_run(path)[0] if (path / "config.yaml").is_file() else None)
-    if (path / "dataset.safetensors").is_file():
-        images, _, manifest = load_image_set(path)
-        source = manifest.get("source", {})
-        run = Path(source.get("name", ""))
-        teacher = None
-        if source.get("kind", "").startswith("transfer set") and (run / "config.yaml").is_file():
-            teacher = _teacher_of_run(run)[0]
-        return images, teacher
-    raise UserError(f"{str(path)!r} is neither a condensed set (dataset.safetensors) nor a distill run (transfer.safetensors)")
+        teacher = teacher_of_run(path)[0] if (path / "config.yaml").is_file() else None
+        return images, teacher, {"source": {"kind": "transfer set of a distill run", "name": str(path)}}
+    images, _, manifest = read_set(path, spec)
+    source = manifest.get("source", {})
+    run = Path(source.get("name", ""))
+    teacher = None
+    if source.get("kind", "").startswith("transfer set") and (run / "config.yaml").is_file():
+        teacher = teacher_of_run(run)[0]
+    return images, teacher, manifest
+
+
+def _traceable_sources(folder: Path, manifest: dict, real):
+    """The set's per-image source indices when ``real`` is the very set it was condensed from, else (None, reason)."""
+    from datafree.condense_job import dataset_digest
+    from datafree.export import init_sources
+
+    starts = init_sources(folder) if manifest.get("source", {}).get("kind") == "real data" else None
+    if starts is None or int((starts >= 0).sum()) == 0:
+        return None, "the set records no real image it started from"
+    if manifest["source"].get("sha256") != dataset_digest(real.images, real.labels):
+        return None, f"the set was condensed from another source than {real.name!r} (sha256 differs)"
+    return starts, None
 
 
 def cmd_audit(args) -> int:
@@ -291,32 +223,40 @@ def cmd_audit(args) -> int:
     from datafree.data import load_dataset
     from datafree.io import read_json, write_json
 
-    synthetic, teacher = load_synthetic(args.synthetic)
+    real = load_dataset(args.real, train=True, data_dir=args.data_dir, download=getattr(args, "download", False)) if args.real else None
+    folder = Path(args.synthetic)
+    synthetic, teacher, manifest = load_synthetic(folder, real.spec if real is not None else None)
+    own_manifest = (folder / "manifest.json").is_file() and (folder / "dataset.safetensors").is_file()
+    out = Path(args.out) if args.out else folder / "audit.json"
+    if not args.out and not own_manifest and not (folder / "transfer.safetensors").is_file() and out.exists():
+        raise UserError(f"{str(out)!r} exists in a folder this project did not write; say where the audit goes with --out")
     if args.teacher:
         from datafree.teacher import load_teacher
 
         teacher = load_teacher(args.teacher)
     if args.no_teacher:
         teacher = None
-    real = load_dataset(args.real, train=True, data_dir=args.data_dir) if args.real else None
-    report = audit_set(synthetic, real, teacher, quantile=args.quantile)
-    folder = Path(args.synthetic)
-    out = Path(args.out) if args.out else folder / "audit.json"
+    starts, why_not = _traceable_sources(folder, manifest, real) if real is not None else (None, None)
+    report = audit_set(synthetic, real, teacher, quantile=args.quantile, init_source=starts)
+    if why_not and real is not None:
+        report["traceability"] = {"measured": False, "reason": why_not}
     write_json(out, report)
-    manifest_path = folder / "manifest.json"
-    if not args.out and manifest_path.is_file():  # audited in place: the set's manifest and report say so
-        manifest = read_json(manifest_path)
+    if not args.out and own_manifest:  # audited in place: the set's manifest and report say so
+        manifest = read_json(folder / "manifest.json")
         manifest["audit"] = {"verdict": report["verdict"], "real": report.get("real"),
                              "pixel_near_copies": report.get("pixel", {}).get("near_copies"),
-                             "feature_near_copies": report.get("feature", {}).get("near_copies"), "file": out.name}
-        write_json(manifest_path, manifest)
+                             "feature_near_copies": report.get("feature", {}).get("near_copies"),
+                             "nearest_is_own_source": report.get("traceability", {}).get("nearest_is_own_source"), "file": out.name}
+        write_json(folder / "manifest.json", manifest)
         from datafree.report import write_report
 
         write_report(folder)
-    pixel = report.get("pixel", {})
+    pixel, trace = report.get("pixel", {}), report.get("traceability", {})
     print(f"{report['verdict']}: {pixel.get('near_copies', '-')} near-copies in pixel space"
           + (f", {report['feature']['near_copies']} in feature space" if "feature" in report else "")
-          + f" among {report['synthetic']['count']} synthetic images; written to {out}")
+          + f" among {report['synthetic']['count']} synthetic images"
+          + (f"; {trace['nearest_is_own_source']} of {trace['images_from_source']} still nearest to the real image they started from"
+             if "nearest_is_own_source" in trace else "") + f"; written to {out}")
     return 0 if report["verdict"] != "fail" or not args.strict else 1
 
 
@@ -324,8 +264,10 @@ def cmd_export_student(args) -> int:
     from datafree.data import load_dataset
     from datafree.handoff import export_student
 
+    from datafree.condense_job import teacher_of_run
+
     run = Path(args.run)
-    teacher = _teacher_of_run(run)[0] if (run / "config.yaml").is_file() and (run / "manifest.json").is_file() else None
+    teacher = teacher_of_run(run)[0] if (run / "config.yaml").is_file() and (run / "manifest.json").is_file() else None
     test = load_dataset(args.test, train=False, data_dir=args.data_dir) if args.test else None
     card = export_student(run, args.out, test=test, teacher=teacher, int8=args.int8, overwrite=args.overwrite)
     print(json.dumps({"out": args.out, "accuracy": card["accuracy"], "latency_ms": card["latency_ms"],
@@ -343,7 +285,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datafree.config import DEFAULT_CONDENSE_METHOD, NO_BN_PRESET, PRESETS, DistillConfig
+    from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, NO_BN_PRESET, PRESETS, DistillConfig
 
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -414,11 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("condense", help="condense a data set (or a distill run's transfer set) to a few images per class")
     p.add_argument("--source", default="mnist", help="data set name, folder, .npz, or a distill run folder (data-free)")
     p.add_argument("--ipc", type=int, default=10, help="images per class")
-    p.add_argument("--method", default=DEFAULT_CONDENSE_METHOD, help=f"dc, dsa, dm, random, herding, kcenter (default {DEFAULT_CONDENSE_METHOD}, "
-                   "chosen on a validation split: BENCHMARKS.md)")
+    p.add_argument("--method", default=DEFAULT_CONDENSE_METHOD, choices=CONDENSE_METHODS,
+                   help=f"matching (dc, dsa, dm) or selection (random, herding, kcenter); default {DEFAULT_CONDENSE_METHOD}, "
+                   "chosen on a validation split (BENCHMARKS.md)")
     p.add_argument("--steps", type=int, default=1000, help="outer iterations (each with a fresh network)")
-    p.add_argument("--time-budget", help="stop after this long, e.g. 15m")
-    p.add_argument("--init", default="real", help="real, noise or kmeans")
+    p.add_argument("--time-budget", help="stop after this long, e.g. 15m (the progress bar then counts the budget)")
+    p.add_argument("--init", default="real", choices=["real", "noise", "kmeans"],
+                   help="start from random real images of each class (default), noise, or k-means centres")
     p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 128)")
     p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 64, chosen on a validation split; published 128)")
     p.add_argument("--outer-loop", type=int, help="matching steps per fresh network (default by ipc)")
@@ -429,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", type=int, default=0, help="train N fresh models with the fixed protocol and record the result")
     p.add_argument("--epochs", type=int, default=300, help="epochs of the evaluation protocol")
     p.add_argument("--test", help="real test set for --evaluate (default: the source's)")
+    p.add_argument("--devices", type=int, default=1, help="processes per machine; the classes are split across them (Lightning Fabric)")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning Fabric; set MASTER_ADDR, NODE_RANK as Lightning documents)")
+    p.add_argument("--strategy", help="Lightning strategy for --devices/--num-nodes (default ddp; gloo on CPUs)")
     p.add_argument("--data-dir")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")

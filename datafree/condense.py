@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from torch import nn
 
 from datafree.augment import SiameseAugment, families_for
 from datafree.config import DEFAULT_CONDENSE_METHOD
-from datafree.data import ImageSet
+from datafree.data import ImageSet, InputSpec  # noqa: F401  (InputSpec: docstring example)
 from datafree.errors import UserError
 from datafree.io import atomic_path
 from datafree.models import create_model
@@ -77,15 +78,23 @@ class Condensed:
     labels: torch.Tensor
     soft_labels: torch.Tensor | None = None
     history: list[dict] = field(default_factory=list)
+    init_source: torch.Tensor | None = None   # per image: the source index it started from (-1: not a source image)
 
 
 def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=None, checkpoint=None, resume: bool = False,
-             **kwargs) -> Condensed:
+             shards: "Shards | None" = None, **kwargs) -> Condensed:
     """Condense ``source`` to ``ipc`` images per class with a registered method.
 
     ``progress(done, total, record)`` is called after each iteration. With ``checkpoint`` (a file
     path), the matching methods save their state there; ``resume=True`` continues from it.
+    ``shards`` splits the classes of the matching methods across processes (:class:`Shards`).
     Keyword arguments are :class:`CondenseSettings` fields.
+
+    Example:
+        >>> spec = InputSpec(1, 28, (0.5,), (0.5,), [str(c) for c in range(10)])
+        >>> tiny = ImageSet(torch.randn(40, 1, 28, 28), torch.arange(10).repeat(4), spec)
+        >>> condense(tiny, "dm", ipc=1, iterations=2, net_width=8, real_per_class=4).images.shape
+        torch.Size([10, 1, 28, 28])
     """
     run = CONDENSERS.get_or_fail(method)
     counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
@@ -96,7 +105,8 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
     if unknown:
         raise UserError(f"unknown condensation setting {unknown[0]!r}")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
-    return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume)
+    return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
+               shards=shards or Shards())
 
 
 # --- gradient matching ----------------------------------------------------------------------------
@@ -124,15 +134,68 @@ def _class_index(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
 
 
-def _init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by_class) -> torch.Tensor:
+class Shards:
+    """Which classes this process matches, and the collectives that join the processes.
+
+    The matching losses are sums over classes, and each class's term moves only that class's
+    images, so the classes can be split across processes: each computes its share, the image
+    gradients are summed across processes, and every process takes the same optimiser step on a
+    full copy of the set. Every random draw of a class comes from :func:`class_generator`, so the
+    result does not depend on the number of processes. Without ``fabric`` (one process) the
+    collectives are no-ops.
+
+    Example:
+        >>> Shards().mine(10)
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+
+    def __init__(self, fabric=None):
+        self.fabric = fabric
+        self.rank = fabric.global_rank if fabric is not None else 0
+        self.world = fabric.world_size if fabric is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, num_classes: int) -> list[int]:
+        return list(range(self.rank, num_classes, self.world))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of ``tensor`` over the processes."""
+        if self.world == 1:
+            return tensor
+        return self.fabric.all_reduce(tensor.detach().clone(), reduce_op="sum")
+
+    def main_says(self, value):
+        """The main process's ``value`` on every process (for decisions that read the clock)."""
+        return value if self.world == 1 else self.fabric.broadcast(value, src=0)
+
+
+def class_generator(seed: int, iteration: int, step: int, c: int) -> torch.Generator:
+    """The random draws of class ``c`` at one matching step: the same in any process.
+
+    Example:
+        >>> a, b = class_generator(0, 3, 1, 7), class_generator(0, 3, 1, 7)
+        >>> torch.equal(torch.rand(2, generator=a), torch.rand(2, generator=b))
+        True
+    """
+    key = hashlib.blake2b(f"{seed}:{iteration}:{step}:{c}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def _init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by_class) -> tuple[torch.Tensor, torch.Tensor]:
+    """The starting images, and for each the index of the source image it copies (-1 for noise and k-means centres)."""
     shape = (source.spec.num_classes * s.ipc, *source.images.shape[1:])
+    none = torch.full((shape[0],), -1, dtype=torch.long)
     if s.init == "noise":
-        return torch.randn(shape, generator=rng)
+        return torch.randn(shape, generator=rng), none
     if s.init == "kmeans":
-        return torch.cat([_kmeans_centres(source.images[idx], s.ipc, s.seed) for idx in by_class])
+        return torch.cat([_kmeans_centres(source.images[idx], s.ipc, s.seed) for idx in by_class]), none
     if s.init != "real":
         raise UserError(f"unknown initialisation {s.init!r}; use real, noise or kmeans")
-    return torch.cat([source.images[idx[torch.randperm(len(idx), generator=rng)[: s.ipc]]] for idx in by_class])
+    chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[: s.ipc]] for idx in by_class])
+    return source.images[chosen].clone(), chosen
 
 
 def _matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
@@ -141,19 +204,22 @@ def _matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
 
 
 def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: list[torch.Tensor], syn: torch.Tensor,
-                           ipc: int, real_per_class: int, rng: torch.Generator, dsa: SiameseAugment | None = None) -> torch.Tensor:
-    """Sum over classes of the matching distance between a real batch's and the synthetic images' gradients.
+                           ipc: int, real_per_class: int, rng, dsa: SiameseAugment | None = None,
+                           classes: list[int] | None = None) -> torch.Tensor:
+    """Sum over ``classes`` (default all) of the matching distance between a real batch's and the synthetic images' gradients.
 
     The real gradients are constants; the synthetic ones keep their graph, so the result can be
-    back-propagated into ``syn``. With ``dsa``, one augmentation is drawn per class and applied to both.
+    back-propagated into ``syn``. With ``dsa``, one augmentation is drawn per class and applied to
+    both. ``rng`` is a generator, or a function of the class giving one (:func:`class_generator`).
     """
     params = list(net.parameters())
     loss = syn.new_zeros(())
-    for c, idx in enumerate(by_class):
-        real = real_images[idx[torch.randint(len(idx), (real_per_class,), generator=rng)]]
+    for c in range(len(by_class)) if classes is None else classes:
+        idx, g = by_class[c], rng(c) if callable(rng) else rng
+        real = real_images[idx[torch.randint(len(idx), (real_per_class,), generator=g)]]
         mine = syn[c * ipc:(c + 1) * ipc]
         if dsa is not None:
-            p = dsa.sample(rng)
+            p = dsa.sample(g)
             real, mine = dsa.apply(real, p), dsa.apply(mine, p)
         g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)]
         g_syn = torch.autograd.grad(F.cross_entropy(net(mine), torch.full((len(mine),), c)), params, create_graph=True)
@@ -165,16 +231,18 @@ class MatchingRun:
     """Bookkeeping shared by the matching condensers: iteration count, history, time budget,
     progress, and checkpoints taken at iteration boundaries so that a resumed run equals an
     uninterrupted one (the images, their optimiser and both random generators are saved).
+    With several processes (``shards``), the main one reads the clock, reports and saves.
 
     Example:
-        >>> run = MatchingRun(settings, progress, rng, syn, opt, checkpoint="out/checkpoints/condense.pt")
-        >>> while run.next_iteration():
-        ...     run.end_iteration({"match_loss": 0.5})                        # doctest: +SKIP
+        >>> run = MatchingRun(settings, progress, rng, syn, opt, checkpoint="out/checkpoints/condense.pt")  # doctest: +SKIP
+        >>> while run.next_iteration():                                                      # doctest: +SKIP
+        ...     run.end_iteration({"match_loss": 0.5})
     """
 
     def __init__(self, s: CondenseSettings, progress, rng: torch.Generator, syn: torch.Tensor, opt, checkpoint=None,
-                 resume: bool = False, method: str = ""):
+                 resume: bool = False, method: str = "", shards: Shards | None = None):
         self.s, self.progress, self.rng, self.syn, self.opt = s, progress, rng, syn, opt
+        self.shards = shards or Shards()
         self.path = Path(checkpoint) if checkpoint else None
         self.key = {"method": method, **{k: v for k, v in asdict(s).items() if k not in ("time_budget", "iterations", "checkpoint_every")}}
         self.iteration, self.history, self.elapsed_before = 0, [], 0.0
@@ -187,7 +255,7 @@ class MatchingRun:
         return self.elapsed_before + time.monotonic() - self.started
 
     def out_of_time(self) -> bool:
-        return bool(self.s.time_budget) and self.elapsed() > self.s.time_budget
+        return bool(self.shards.main_says(bool(self.s.time_budget) and self.elapsed() > self.s.time_budget))
 
     def next_iteration(self) -> bool:
         return self.iteration < self.s.iterations and not self.out_of_time()
@@ -196,13 +264,15 @@ class MatchingRun:
         self.iteration += 1
         self.history.append({"iteration": self.iteration, **record, "seconds": round(self.elapsed(), 2)})
         self.snapshot = self._state()
-        if self.path and (time.monotonic() - self.last_saved > self.s.checkpoint_every or not self.next_iteration()):
+        last = not self.next_iteration()
+        if self.path and self.shards.is_main and (time.monotonic() - self.last_saved > self.s.checkpoint_every or last):
             self.save()
-        self.progress(self.iteration, self.s.iterations, self.history[-1])
+        if self.shards.is_main:
+            self.progress(self.iteration, self.s.iterations, self.history[-1])
 
     def save(self) -> None:
         """Write the state of the last finished iteration (called on Ctrl-C too)."""
-        if self.path is None or self.snapshot is None:
+        if self.path is None or self.snapshot is None or not self.shards.is_main:
             return
         with atomic_path(self.path) as tmp:
             torch.save(self.snapshot, tmp)
@@ -216,6 +286,17 @@ class MatchingRun:
         except KeyboardInterrupt:
             self.save()
             raise
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Back-propagate this process's share of the loss, sum the image gradients over the
+        processes, take the optimiser step; returns the loss summed over the processes."""
+        self.opt.zero_grad()
+        loss.backward()
+        if self.shards.world > 1:
+            grad = self.syn.grad if self.syn.grad is not None else torch.zeros_like(self.syn)
+            self.syn.grad = self.shards.sum(grad)
+        self.opt.step()
+        return float(self.shards.sum(loss.detach()))
 
     def _state(self) -> dict:
         return {"key": json.dumps(self.key, sort_keys=True, default=str), "iteration": self.iteration,
@@ -242,15 +323,17 @@ class MatchingRun:
         self.snapshot = state
 
 
-def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None, **run_kwargs) -> Condensed:
-    rng = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)
+def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None, shards: Shards,
+                       **run_kwargs) -> Condensed:
+    rng = torch.Generator().manual_seed(s.seed)  # draws every process makes alike (start, inner training)
+    torch.manual_seed(s.seed)                     # the fresh networks' weights
     k = source.spec.num_classes
-    by_class = _class_index(source.labels, k)
-    syn = _init_images(source, s, rng, by_class).requires_grad_(True)
+    by_class, mine = _class_index(source.labels, k), shards.mine(k)
+    syn, init_source = _init_images(source, s, rng, by_class)
+    syn.requires_grad_(True)
     syn_labels = torch.arange(k).repeat_interleave(s.ipc)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
-    run = MatchingRun(s, progress, rng, syn, opt_img, **run_kwargs)
+    run = MatchingRun(s, progress, rng, syn, opt_img, shards=shards, **run_kwargs)
     outer, inner = s.loops()
     with run.saving_on_interrupt():
         while run.next_iteration():
@@ -258,11 +341,9 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
             opt_net = torch.optim.SGD(net.parameters(), lr=s.lr_net)
             losses = []
             for ol in range(outer):
-                loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, rng, dsa)
-                opt_img.zero_grad()
-                loss.backward()
-                opt_img.step()
-                losses.append(loss.item())
+                draws = lambda c: class_generator(s.seed, run.iteration, ol, c)  # noqa: E731
+                loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, draws, dsa, mine)
+                losses.append(run.step(loss))
                 if ol == outer - 1 or run.out_of_time():
                     break
                 images = syn.detach()
@@ -276,7 +357,7 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
                     net_loss.backward()
                     opt_net.step()
             run.end_iteration({"match_loss": sum(losses) / len(losses) / k})
-    return Condensed(syn.detach(), syn_labels, history=run.history)
+    return Condensed(syn.detach(), syn_labels, history=run.history, init_source=init_source)
 
 
 @register_condenser("dc")
@@ -290,33 +371,32 @@ def dsa(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Conden
 
 
 @register_condenser("dm")
-def dm(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condensed:
+def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kwargs) -> Condensed:
     """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA."""
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     k = source.spec.num_classes
     by_class = _class_index(source.labels, k)
-    syn = _init_images(source, s, rng, by_class).requires_grad_(True)
+    syn, init_source = _init_images(source, s, rng, by_class)
+    syn.requires_grad_(True)
     augment = SiameseAugment(families_for(source.name))
     opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
-    run = MatchingRun(s, progress, rng, syn, opt, method="dm", **run_kwargs)
+    run = MatchingRun(s, progress, rng, syn, opt, method="dm", shards=shards, **run_kwargs)
     with run.saving_on_interrupt():
         while run.next_iteration():
             net = _matching_net(source, s)
             for p in net.parameters():
                 p.requires_grad_(False)
             loss = syn.new_zeros(())
-            for c in range(k):
-                idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=rng)]
-                p = augment.sample(rng)
+            for c in shards.mine(k):
+                g = class_generator(s.seed, run.iteration, 0, c)
+                idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=g)]
+                p = augment.sample(g)
                 real = net.forward_features(augment.apply(source.images[idx], p))
                 mine = net.forward_features(augment.apply(syn[c * s.ipc:(c + 1) * s.ipc], p))
                 loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.end_iteration({"match_loss": loss.item() / k})
-    return Condensed(syn.detach(), torch.arange(k).repeat_interleave(s.ipc), history=run.history)
+            run.end_iteration({"match_loss": run.step(loss) / k})
+    return Condensed(syn.detach(), torch.arange(k).repeat_interleave(s.ipc), history=run.history, init_source=init_source)
 
 
 # --- selection baselines ----------------------------------------------------------------------------
@@ -327,7 +407,7 @@ def _select(source: ImageSet, s: CondenseSettings, pick) -> Condensed:
     for c, idx in enumerate(_class_index(source.labels, source.spec.num_classes)):
         chosen.append(idx[pick(source.images[idx], c)])
     order = torch.cat(chosen)
-    return Condensed(source.images[order].clone(), source.labels[order].clone())
+    return Condensed(source.images[order].clone(), source.labels[order].clone(), init_source=order)
 
 
 @register_condenser("random")

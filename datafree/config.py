@@ -128,6 +128,7 @@ PRESETS: dict[str, dict] = {
              "student_steps": 2, "augment": True, "kd_temperature": 20.0, "pool_size": 20000},
 }
 
+CONDENSE_METHODS = ("dc", "dsa", "dm", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
 NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
 STUDENT_LOSSES = ("kl", "l1")

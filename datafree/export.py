@@ -87,12 +87,13 @@ def class_folder(index: int, name: str, count: int) -> str:
 
 
 def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, manifest: dict,
-                   soft_labels: torch.Tensor | None = None) -> Path:
+                   soft_labels: torch.Tensor | None = None, init_source: torch.Tensor | None = None) -> Path:
     """Write a synthetic data set as ``dataset.safetensors`` + ``manifest.json`` + ``train/<class>/<i>.png``.
 
     ``images`` are in the normalised input space; the PNGs hold them denormalised to [0, 1] and
     rounded to 8 bits, so they load in torchvision's ``ImageFolder`` and Hugging Face ``datasets``'
-    imagefolder loader as they are.
+    imagefolder loader as they are. ``init_source`` (optional) holds, per image, the index of the
+    source image it started from (-1 for none), for the audit's traceability check.
 
     Example:
         >>> save_image_set("runs/c/export", images, labels, spec, {"method": "dsa", "ipc": 10})   # doctest: +SKIP
@@ -105,6 +106,8 @@ def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: Inp
     tensors = {"images": images, "labels": labels.long()}
     if soft_labels is not None:
         tensors["soft_labels"] = soft_labels
+    if init_source is not None:
+        tensors["init_source"] = init_source.long()
     save_tensors(folder / "dataset.safetensors", tensors)
     pixels = (spec.denormalize(images).clamp(0, 1) * 255).round().to(torch.uint8)
     lines, k = [], spec.num_classes
@@ -138,3 +141,58 @@ def load_image_set(folder):
     tensors = load_tensors(folder / "dataset.safetensors")
     spec = InputSpec.from_dict(manifest["input_spec"])
     return ImageSet(tensors["images"], tensors["labels"], spec, name=folder.name), tensors.get("soft_labels"), manifest
+
+
+def init_sources(folder) -> torch.Tensor | None:
+    """Per image of a saved set, the index of the source image it started from (-1: none); None if not recorded."""
+    from datafree.io import load_tensors
+
+    path = Path(folder) / "dataset.safetensors"
+    return load_tensors(path).get("init_source") if path.is_file() else None
+
+
+def plain_image_folder(folder) -> Path | None:
+    """The ImageFolder root (``<class>/<image>``) of a folder made by any tool, or None.
+
+    ``folder/train/<class>/...`` (this project's export and many tools' layout) is found too.
+
+    Example:
+        >>> plain_image_folder("/nonexistent") is None
+        True
+    """
+    folder = Path(folder)
+    for root in (folder / "train", folder):
+        if root.is_dir() and any(d.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+                                 for d in root.iterdir()):
+            return root
+    return None
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+
+
+def read_set(folder, spec: InputSpec | None = None):
+    """A condensed set written by this project, or a plain ImageFolder made by another tool:
+    ``(images, soft labels or None, manifest)``. A plain folder's images are normalised with
+    ``spec`` (a real data set's), whose class ``i`` is the ``i``-th class folder in sorted order.
+
+    Example:
+        >>> images, soft, manifest = read_set("../shared/reference/vico-mnist-ipc10/snap_DM_ipc10_exp0_t01201",
+        ...                                   spec=dataset_spec("mnist"))        # doctest: +SKIP
+    """
+    from datafree.data import load_dataset
+
+    folder = Path(folder)
+    if (folder / "dataset.safetensors").is_file():
+        return load_image_set(folder)
+    root = plain_image_folder(folder)
+    if root is None:
+        raise UserError(f"{str(folder)!r} is neither a datafree set (dataset.safetensors) nor an image folder (<class>/<image>)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if spec is not None and len(classes) != spec.num_classes:
+        raise UserError(f"{str(root)!r} has {len(classes)} class folders but the data set to compare with has {spec.num_classes} classes")
+    images = load_dataset(str(root), spec=spec)
+    images.name = folder.name
+    manifest = {"source": {"kind": "image folder made by another tool", "name": str(folder)}, "class_folders": classes,
+                "count": len(images)}
+    return images, None, manifest

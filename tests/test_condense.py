@@ -188,7 +188,10 @@ def test_condense_command_line(tmp_path, capsys):
     assert len(manifest["source"]["sha256"]) == 64
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--out", str(tmp_path / "c")]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert main(["condense", "--source", "mnist", "--method", "nope", "--out", str(tmp_path / "d")]) == 2
+    with pytest.raises(SystemExit) as stop:  # argparse lists the choices
+        main(["condense", "--source", "mnist", "--method", "nope", "--out", str(tmp_path / "d")])
+    assert stop.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_evaluate_set_command_line(tmp_path, capsys):
@@ -347,7 +350,7 @@ def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist,
     assert (tmp_path / "c" / "report.html").is_file() and (tmp_path / "c" / "history.jsonl").is_file()
     (run / "config.yaml").write_text("teacher: /nowhere/teacher.safetensors\n")
     assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--out", str(tmp_path / "d")]) == 2
-    assert "soft labels need the run's teacher" in capsys.readouterr().err
+    assert "the run's teacher '/nowhere/teacher.safetensors'" in capsys.readouterr().err
 
 
 def test_condense_command_line_bad_input(tmp_path, capsys):
@@ -437,3 +440,155 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     assert [h["iteration"] for h in history] == list(range(1, 21))
     # continued from the checkpoint, not restarted: the first run's iterations (with its pause) were kept, not recomputed
     assert history[:saved] == saved_history
+
+
+def _tiny_npz(tiny_mnist, path):
+    """20 real digits a class as an .npz source: quick to load in each process."""
+    import numpy as np
+
+    pixels = (tiny_mnist.spec.denormalize(tiny_mnist.images)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
+    np.savez(path, x=pixels.numpy(), y=tiny_mnist.labels.numpy())
+    return path
+
+
+def test_the_method_choices_are_the_registry():
+    from datafree.config import CONDENSE_METHODS
+
+    assert set(CONDENSE_METHODS) == set(CONDENSERS)
+
+
+def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path):
+    """--devices 2: the classes are split across two processes (Lightning Fabric, gloo); the images equal one process's."""
+    source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    outs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        args = ["condense", "--source", str(source), "--method", "dsa", "--ipc", "2", "--steps", "2", "--outer-loop", "2",
+                "--inner-loop", "1", "--net-width", "8", "--real-per-class", "8", "--devices", str(devices), "--out", str(out),
+                "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.strip().splitlines()) == 1  # only the main process reports
+        outs[devices], _, manifest = load_image_set(out)
+        assert manifest["processes"] == devices
+    start = condense(load_dataset(str(source)), "dsa", 2, iterations=0)
+    assert not torch.allclose(outs[1].images, start.images, atol=1e-3)  # the two iterations moved the images
+    assert torch.allclose(outs[1].images, outs[2].images, atol=1e-5, rtol=0)
+
+
+def test_class_draws_do_not_depend_on_how_classes_are_split(tiny_mnist):
+    """Matching class 3 alone or among all classes draws the same real batch and augmentation."""
+    from datafree.condense import Shards
+
+    class Half(Shards):  # the second of two processes, without starting one
+        def __init__(self):
+            super().__init__()
+            self.rank, self.world = 1, 2
+
+        def sum(self, tensor):
+            return tensor  # this process's share only
+
+        def main_says(self, value):
+            return value
+
+    kwargs = dict(iterations=1, net_width=8, real_per_class=8)
+    whole = condense(tiny_mnist, "dm", 1, seed=2, **kwargs)
+    half = condense(tiny_mnist, "dm", 1, seed=2, shards=Half(), **kwargs)
+    odd = torch.arange(1, 10, 2)
+    assert torch.allclose(whole.images[odd], half.images[odd], atol=1e-6)  # its classes moved as in the whole run
+    start = condense(tiny_mnist, "dm", 1, seed=2, iterations=0)
+    assert torch.equal(half.images[odd - 1], start.images[odd - 1])  # the other process's classes were left alone
+
+
+def test_a_budgeted_bar_counts_the_budget():
+    from datafree.condense_job import BudgetBar
+
+    bar = BudgetBar(steps=10_000, budget=60.0, show=False)
+    bar(3, 10_000, {"seconds": 15.0})
+    assert bar.fraction == pytest.approx(0.25) and bar.bar.n == pytest.approx(15.0)
+    bar(9_000, 10_000, {"seconds": 30.0})  # iterations ahead of the clock: they lead
+    assert bar.fraction == pytest.approx(0.9)
+    bar.close()
+    assert bar.fraction == 1.0
+
+
+def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist, tmp_path, monkeypatch):
+    from datafree.condense_job import CondenseJob, run_condense
+
+    progress = tmp_path / "progress.json"
+    seen = []
+    monkeypatch.setenv("DATAFREE_PROGRESS_FILE", str(progress))
+    source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
+    import datafree.progress
+
+    real_update = datafree.progress.ProgressFile.update
+
+    def spy(self, fraction, *args, **kwargs):
+        seen.append((time.monotonic(), fraction))
+        return real_update(self, fraction, *args, **kwargs)
+
+    monkeypatch.setattr(datafree.progress.ProgressFile, "update", spy)
+    started = time.monotonic()
+    run_condense(CondenseJob(source=str(source), ipc=1, steps=100_000, time_budget=4, net_width=8, real_per_class=8,
+                             out=str(tmp_path / "c"), progress=False))
+    history = [json.loads(line) for line in (tmp_path / "c" / "history.jsonl").read_text().splitlines()]
+    assert 4.0 <= history[-1]["seconds"] < 4.0 + 2 * max(h2["seconds"] - h1["seconds"] for h1, h2 in zip(history, history[1:]))
+    assert json.loads(progress.read_text())["fraction"] == 1.0
+    for when, fraction in seen[1:-1]:  # every update tracks the wall clock (the run's clock starts after loading)
+        assert fraction == pytest.approx((when - started) / 4.0, abs=0.15)
+    assert len(seen) > 3
+
+
+def test_audit_traces_real_initialised_images_to_their_sources(tmp_path, capsys):
+    from datafree.export import init_sources
+
+    out = tmp_path / "c"
+    assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "dm", "--steps", "1", "--net-width", "8",
+                 "--real-per-class", "8", "--out", str(out), "--no-progress"]) == 0
+    starts = init_sources(out)
+    mnist = load_dataset("mnist", train=True)
+    assert starts.tolist() and all(mnist.labels[i] == c for c, i in enumerate(starts.tolist()))
+    assert main(["audit", str(out), "--real", "mnist"]) == 0
+    assert "10 of 10 still nearest to the real image they started from" in capsys.readouterr().out
+    report = json.loads((out / "audit.json").read_text())["traceability"]
+    assert report["images_from_source"] == 10 and report["nearest_is_own_source"] == 10
+    assert json.loads((out / "manifest.json").read_text())["audit"]["nearest_is_own_source"] == 10
+    # against another data set the indices mean nothing: not measured, and said why
+    assert main(["audit", str(out), "--real", "fashion-mnist", "--out", str(tmp_path / "f.json")]) == 0
+    assert "sha256 differs" in json.loads((tmp_path / "f.json").read_text())["traceability"]["reason"]
+    # noise-initialised: nothing to trace
+    assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "dm", "--steps", "1", "--net-width", "8",
+                 "--real-per-class", "8", "--init", "noise", "--out", str(tmp_path / "n"), "--no-progress"]) == 0
+    assert (init_sources(tmp_path / "n") == -1).all()
+    assert main(["audit", str(tmp_path / "n"), "--real", "mnist"]) == 0
+    assert json.loads((tmp_path / "n" / "audit.json").read_text())["traceability"]["measured"] is False
+
+
+def test_audit_and_evaluate_a_plain_image_folder_made_by_another_tool(tmp_path, capsys):
+    """A folder of PNGs in <class>/ folders (no manifest), as the reference code writes: audited and scored."""
+    import shutil
+
+    made = tmp_path / "made"
+    assert main(["condense", "--source", "mnist", "--ipc", "2", "--method", "random", "--out", str(made), "--no-progress"]) == 0
+    other = tmp_path / "other_tool" / "snap"
+    shutil.copytree(made / "train", other / "train", ignore=shutil.ignore_patterns("metadata.jsonl"))
+    for folder in sorted((other / "train").iterdir()):  # another tool names its class folders 0..9
+        folder.rename(folder.parent / str(int(folder.name.split("_")[0])))
+    assert main(["audit", str(other), "--real", "mnist", "--out", str(tmp_path / "a.json")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["synthetic"]["count"] == 20 and report["pixel"]["near_copies"] == 20  # real images are copies of real images
+    assert report["verdict"] == "fail"
+    capsys.readouterr()
+    assert main(["evaluate-set", str(other), "--test", "mnist", "--arch", "lenet5", "--models", "1", "--epochs", "2",
+                 "--out", str(tmp_path / "e")]) == 0
+    assert "+-" in capsys.readouterr().out
+    ours, _, _ = load_image_set(made)
+    from datafree.export import read_set
+
+    theirs, _, _ = read_set(other, spec=ours.spec)
+    assert torch.allclose(theirs.images, ours.images, atol=1 / 255 / ours.spec.std[0])  # 8-bit PNGs of the same images
+    assert torch.equal(theirs.labels, ours.labels)
+    assert main(["evaluate-set", str(other), "--arch", "lenet5"]) == 2
+    assert "--test" in capsys.readouterr().err

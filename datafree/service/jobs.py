@@ -4,8 +4,8 @@ line uses, then the job runs as a ``datafree`` command in a worker process.
 Kinds and their config (JSON):
 
 - ``distill``: ``{"teacher": TEACHER_ID, ...DistillConfig fields}`` (``preset`` picks defaults);
-- ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", "ipc", "method", "steps", "time_budget",
-  "init", "real_per_class", "net_width", "outer_loop", "inner_loop", "seed", "evaluate", "epochs", "soft_labels"}``;
+- ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", ...}`` and the other fields of
+  :class:`datafree.condense_job.CondenseJob` that a client may set (:func:`condense_fields`);
 - ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test"}``;
 - ``audit``: ``{"job": DISTILL_OR_CONDENSE_JOB_ID, "real": "mnist" | null}``;
 - ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "test": "mnist" | null}``.
@@ -25,12 +25,27 @@ from datafree.errors import UserError
 KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
-CONDENSE_FIELDS = {"source": str, "ipc": int, "method": str, "steps": int, "time_budget": str, "init": str,
-                   "real_per_class": int, "net_width": int, "outer_loop": int, "inner_loop": int, "seed": int,
-                   "evaluate": int, "epochs": int, "soft_labels": bool}
+CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress"}
 EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str}
 AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
+
+
+def condense_fields() -> dict:
+    """The condense job's client fields and their types, read from :class:`~datafree.condense_job.CondenseJob`."""
+    import typing
+
+    from datafree.condense_job import CondenseJob
+
+    hints = typing.get_type_hints(CondenseJob)
+    return {name: hint for name, hint in hints.items() if name not in CONDENSE_SERVER_FIELDS}
+
+
+def _kinds(want) -> tuple:
+    """``int | None`` -> ``(int,)``; ``str`` -> ``(str,)``."""
+    import typing
+
+    return tuple(t for t in typing.get_args(want) if t is not type(None)) or (want,)
 
 
 def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) -> dict:
@@ -40,9 +55,10 @@ def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) ->
         if key not in fields:
             raise UserError(f"unknown config field {key!r}; known: {', '.join(fields)}")
         want = fields[key]
-        ok = value is None or (isinstance(value, want) and not (want is int and isinstance(value, bool)))
+        kinds = _kinds(want)
+        ok = value is None or (isinstance(value, kinds) and not (bool not in kinds and isinstance(value, bool)))
         if not ok:
-            raise UserError(f"config field {key!r} must be {want.__name__}, got {value!r}")
+            raise UserError(f"config field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     for key in required:
         if config.get(key) is None:
             raise UserError(f"config field {key!r} is required")
@@ -85,20 +101,16 @@ def validate_job(store, kind: str, config: dict) -> dict:
         resolve_distill_config(overrides={**config, "teacher": "stored"})  # the command line's typed config
         return dict(config)
     if kind == "condense":
-        config = _check_fields(config, CONDENSE_FIELDS)
+        from datafree.condense_job import job_from_dict
+
+        config = _check_fields(config, condense_fields())
         source = config.get("source", "mnist")
         if source.startswith("job:"):
             _finished_job(store, source, ("distill",), "source")
         else:
             _data_name(source, "source")
-        from datafree.condense import CONDENSERS, DEFAULT_METHOD
-
-        CONDENSERS.get_or_fail(config.get("method", DEFAULT_METHOD))
-        if config.get("time_budget") is not None:
-            parse_duration(config["time_budget"])
-        for key in ("ipc", "steps", "real_per_class", "net_width", "outer_loop", "inner_loop", "epochs"):
-            if key in config and config[key] < 1:
-                raise UserError(f"config field {key!r} must be at least 1")
+        _data_name(config.get("test"), "test")
+        job_from_dict(dict(config, source="mnist")).validate()  # the command line's own checks, in its words
         return config
     if kind == "evaluate":
         config = _check_fields(config, EVALUATE_FIELDS, ("job",))

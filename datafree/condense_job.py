@@ -1,0 +1,305 @@
+"""The ``condense`` job: a source (a real data set, or a distill run's transfer set) in, a condensed set out.
+
+The command line, the job service and the benchmark all run condensation through
+:func:`run_condense`, so they share its checks, its no-real-data guard in data-free mode, its
+progress and its outputs:
+
+    OUT/
+      dataset.safetensors    images (normalised), labels, soft labels (optional), init_source
+      manifest.json          method, settings, source (with its sha256), how each image started
+      train/<class>/*.png    the images as 8-bit PNGs (ImageFolder / Hugging Face imagefolder)
+      history.jsonl          one line per iteration: matching loss, seconds
+      checkpoints/condense.pt  everything a ``resume`` needs
+      report.html            the report
+
+With ``devices``/``num_nodes``/``strategy``, the classes are split across processes started by
+Lightning Fabric (gloo on CPUs); the condensed images equal a one-process run's.
+
+Example:
+    >>> summary = run_condense(CondenseJob(source="mnist", ipc=1, steps=10, out="runs/c1"))   # doctest: +SKIP
+    >>> summary["images"]                                                                        # doctest: +SKIP
+    10
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from datafree.config import DEFAULT_CONDENSE_METHOD, parse_duration
+from datafree.errors import UserError
+
+CHECKPOINT = "checkpoints/condense.pt"
+INITS = ("real", "noise", "kmeans")
+
+
+@dataclass
+class CondenseJob:
+    """Everything a condensation job needs; :meth:`validate` checks it before any work.
+
+    Example:
+        >>> CondenseJob(ipc=0).validate()
+        Traceback (most recent call last):
+        datafree.errors.UserError: ipc must be at least 1, got 0
+    """
+
+    source: str = "mnist"                # data set name, folder, .npz, or a distill run folder (data-free)
+    out: str = "runs/condense"
+    ipc: int = 10                        # images per class
+    method: str = DEFAULT_CONDENSE_METHOD
+    steps: int = 1000                    # outer iterations (each with a fresh network)
+    time_budget: str | int | float | None = None  # e.g. "15m" or seconds
+    init: str = "real"                   # real | noise | kmeans
+    real_per_class: int | None = None
+    net_width: int | None = None
+    outer_loop: int | None = None
+    inner_loop: int | None = None
+    seed: int = 0
+    evaluate: int = 0                    # fresh models trained on the set after condensation (report only)
+    epochs: int = 300
+    test: str | None = None              # real test set for ``evaluate`` (default: the source's)
+    soft_labels: bool = False            # data-free mode: keep the teacher's softmax with each image
+    data_dir: str | None = None
+    download: bool = False
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> "CondenseJob":
+        """Raise :class:`UserError` (one sentence naming the field) for a bad value; return self."""
+        from datafree.condense import CONDENSERS
+
+        CONDENSERS.get_or_fail(self.method)
+        if self.init not in INITS:
+            raise UserError(f"unknown initialisation {self.init!r}; use {', '.join(INITS)}")
+        for name in ("ipc", "steps", "real_per_class", "net_width", "outer_loop", "inner_loop", "epochs", "devices", "num_nodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.evaluate < 0:
+            raise UserError(f"evaluate must be 0 or more, got {self.evaluate}")
+        self.budget_seconds()
+        return self
+
+    def budget_seconds(self) -> float | None:
+        if self.time_budget is None or isinstance(self.time_budget, (int, float)):
+            return float(self.time_budget) if self.time_budget else None
+        return parse_duration(self.time_budget)
+
+    def scaled_out(self) -> bool:
+        return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
+
+    def settings(self) -> dict:
+        """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
+        chosen = {"iterations": self.steps, "init": self.init, "time_budget": self.budget_seconds()}
+        for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
+            if getattr(self, name):
+                chosen[name] = getattr(self, name)
+        return chosen
+
+
+JOB_FIELDS = tuple(f.name for f in fields(CondenseJob))
+
+
+def dataset_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the float32 images, then the int64 labels: identifies a source set and its order.
+
+    Example:
+        >>> len(dataset_digest(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])))
+        64
+    """
+    digest = hashlib.sha256(images.float().contiguous().numpy().tobytes())
+    digest.update(labels.long().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def teacher_of_run(run_dir: Path):
+    """The teacher a distill run used, checked against the hash its transfer set recorded."""
+    from datafree.config import load_yaml
+    from datafree.io import sha256_file
+    from datafree.teacher import load_teacher
+
+    run_dir = Path(run_dir)
+    cfg = load_yaml(run_dir / "config.yaml")
+    path, expected = cfg.get("teacher"), json.loads((run_dir / "manifest.json").read_text()).get("teacher_sha256")
+    if not path or not Path(path).is_file():
+        raise UserError(f"the run's teacher {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
+    if expected and sha256_file(path) != expected:
+        raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
+    return load_teacher(path, input_spec=cfg.get("teacher_input_spec")), expected
+
+
+def load_source(job: CondenseJob):
+    """``(source ImageSet, source description, data_free)`` for a job: a transfer set if the source is a distill run."""
+    from datafree.data import load_dataset, load_transfer_set
+    from datafree.io import sha256_file
+
+    source_path = Path(job.source)
+    if (source_path / "transfer.safetensors").is_file():  # labels from the teacher, no real image touched
+        source, _ = load_transfer_set(source_path)
+        info = {"name": str(source_path), "kind": "transfer set (no real data)",
+                "sha256": sha256_file(source_path / "transfer.safetensors"),
+                "teacher_sha256": json.loads((source_path / "manifest.json").read_text()).get("teacher_sha256")}
+        return source, info, True
+    if job.soft_labels:
+        raise UserError("soft labels need a distill run folder as the source (the teacher labels the images)")
+    source = load_dataset(job.source, train=True, data_dir=job.data_dir, download=job.download)
+    info = {"name": source.name, "kind": "real data", "split": "train", "count": len(source),
+            "sha256": dataset_digest(source.images, source.labels), "sha256_of": "the normalised float32 images, then the int64 labels"}
+    return source, info, False
+
+
+def _launched_worker() -> bool:
+    """True in the extra processes Lightning starts (local rank or node rank above 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def _shards(job: CondenseJob):
+    from datafree.condense import Shards
+
+    if not job.scaled_out():
+        return Shards()
+    from lightning.fabric import Fabric
+
+    from datafree.training import quiet_lightning
+
+    quiet_lightning()
+    fabric = Fabric(accelerator="cpu", devices=job.devices, num_nodes=job.num_nodes, strategy=job.strategy or "ddp")
+    fabric.launch()
+    return Shards(fabric)
+
+
+class BudgetBar:
+    """A progress bar (and the service's progress file) that follows whichever ends first: the
+    iterations or the time budget, so a budgeted run reaches 100% when its budget is spent.
+
+    Example:
+        >>> bar = BudgetBar(steps=100, budget=None, show=False)
+        >>> bar(50, 100, {"seconds": 1.0, "match_loss": 0.2}); bar.fraction
+        0.5
+    """
+
+    def __init__(self, steps: int, budget: float | None, show: bool = True, desc: str = "condense"):
+        from tqdm.auto import tqdm
+
+        from datafree.progress import ProgressFile
+
+        self.steps, self.budget, self.fraction = steps, budget, 0.0
+        self.total = round(budget) if budget else steps
+        unit = "s" if budget else "it"
+        self.bar = tqdm(total=self.total, desc=desc, unit=unit, disable=not show,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} " + unit + " [{elapsed}<{remaining}{postfix}]")
+        self.report = ProgressFile()
+
+    def __call__(self, done: int, total: int, record: dict) -> None:
+        self.fraction = min(1.0, max(done / self.steps, record.get("seconds", 0.0) / self.budget if self.budget else 0.0))
+        self.bar.n = self.fraction * self.total
+        self.bar.set_postfix(it=done, loss=f"{record.get('match_loss', 0):.3f}", refresh=False)
+        self.bar.refresh()
+        self.report.update(self.fraction, done, total, {"match_loss": round(record.get("match_loss", 0.0), 5)})
+
+    def close(self) -> None:
+        self.fraction, self.bar.n = 1.0, self.total
+        self.bar.refresh()
+        self.bar.close()
+        self.report.update(1.0, force=True)
+
+
+def run_condense(job: CondenseJob, notify=None) -> dict:
+    """Run (or resume) a condensation job into ``job.out``; return the summary the command line prints.
+
+    Raises :class:`UserError` for bad input before any file is written. In data-free mode (a
+    distill run as the source) no real data set can be read until the set is written; the
+    optional evaluation reads the real test set afterwards, for the report only.
+
+    Example:
+        >>> run_condense(CondenseJob(source="mnist", ipc=1, steps=5, out="runs/c", net_width=8))["images"]  # doctest: +SKIP
+        10
+    """
+    from datafree.condense import condense
+    from datafree.data import no_real_data
+
+    job.validate()
+    source, source_info, data_free = load_source(job)
+    teacher = teacher_of_run(Path(job.source))[0] if job.soft_labels else None  # checked before hours of work
+    out = Path(job.out)
+    checkpoint = out / CHECKPOINT
+    if job.resume and not checkpoint.is_file():
+        raise UserError(f"nothing to resume: no checkpoint at {str(checkpoint)!r}")
+    if not job.resume and not _launched_worker():
+        from datafree.io import check_writable_dir
+
+        check_writable_dir(out, job.overwrite)
+        checkpoint.unlink(missing_ok=True)  # an overwritten run starts afresh
+    shards = _shards(job)
+    bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}")
+    settings = job.settings()
+    with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
+        result = condense(source, job.method, job.ipc, seed=job.seed, progress=bar, checkpoint=checkpoint, resume=job.resume,
+                          shards=shards, **settings)
+    bar.close()
+    if not shards.is_main:
+        return {"rank": shards.rank}
+    return write_condensed(job, result, source, source_info, data_free, teacher, settings, shards.world)
+
+
+def write_condensed(job: CondenseJob, result, source, source_info: dict, data_free: bool, teacher, settings: dict,
+                    processes: int = 1) -> dict:
+    """Write the set, its manifest, history and report into ``job.out`` (evaluating it first if asked)."""
+    from datafree.export import save_image_set
+    from datafree.io import write_text
+    from datafree.report import write_report
+
+    out = Path(job.out)
+    soft = None
+    if teacher is not None:
+        from datafree.training import predict
+
+        soft = predict(teacher, result.images).softmax(1)
+    starts = result.init_source if result.init_source is not None else torch.full((len(result.labels),), -1)
+    manifest = {"ipc": job.ipc, "method": job.method, "settings": {k: v for k, v in settings.items() if v is not None},
+                "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
+                "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
+                "init": {"method": job.init if job.method in ("dc", "dsa", "dm") else f"selected by {job.method}",
+                         "from_source_images": int((starts >= 0).sum()),
+                         "source_index": "dataset.safetensors init_source: the index in the source of the image each "
+                                         "condensed image started from (-1: noise or a k-means centre)"},
+                "processes": processes, "iterations_done": len(result.history),
+                "seconds": result.history[-1]["seconds"] if result.history else 0.0, "history_tail": result.history[-3:]}
+    if job.evaluate:
+        from datafree.data import ImageSet, load_dataset
+        from datafree.evaluate import evaluate_set
+
+        test_name = job.test or (None if data_free else source.name)
+        if test_name:  # real data only after condensation, for the report
+            test = load_dataset(test_name, train=False, data_dir=job.data_dir, download=job.download)
+            condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
+            manifest["evaluation"] = evaluate_set(condensed, test, models=job.evaluate, epochs=job.epochs, progress=job.progress)
+    save_image_set(out, result.images, result.labels, source.spec, manifest, soft, init_source=starts)
+    write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+    write_report(out)
+    return {"out": str(out), "images": len(result.labels), "iterations": len(result.history),
+            "evaluation": manifest.get("evaluation", {}).get("mean")}
+
+
+def job_from_dict(values: dict) -> CondenseJob:
+    """A :class:`CondenseJob` from a mapping (a request, parsed flags); unknown keys are refused.
+
+    Example:
+        >>> job_from_dict({"ipc": 1, "colour": "red"})
+        Traceback (most recent call last):
+        datafree.errors.UserError: unknown condense field 'colour'
+    """
+    unknown = sorted(set(values) - set(JOB_FIELDS))
+    if unknown:
+        raise UserError(f"unknown condense field {unknown[0]!r}")
+    return CondenseJob(**{k: v for k, v in values.items() if v is not None})
+
