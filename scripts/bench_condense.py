@@ -2,11 +2,18 @@
 
     DATAFREE_DATA=../shared/data python scripts/bench_condense.py --datasets mnist --ipc 1,10 --budget 5m
     DATAFREE_DATA=../shared/data python scripts/bench_condense.py --merge --rows mnist:10:dsa:15m,transfer:runs/d:10:dsa:5m
+    DATAFREE_DATA=../shared/data python scripts/bench_condense.py --merge --rows mnist:10:dm:5m --inits real,kmeans,noise --audit
+    DATAFREE_DATA=../shared/data python scripts/bench_condense.py --merge --rows - --references ../shared/reference/vico-mnist-ipc10/snap_DM_ipc10_exp0_t01201
     DATAFREE_DATA=../shared/data python scripts/bench_condense.py --quick      # a smoke run of the script
 
-Condensation is timed (evaluation is not); each condensed set is scored with the fixed protocol of
+Every set is made by :func:`datafree.condense_job.run_condense` (the job the command line and the
+service run, with its no-real-data guard for ``transfer:RUN`` sources) into ``bench/condense_runs/``.
+Condensation is timed (evaluation is not); each set is scored with the fixed protocol of
 ``datafree.evaluate`` (mean +- std over ``--models`` fresh ConvNets on the real test set), next to
-the published figures. Writes ``bench/condense.json`` and the table into ``BENCHMARKS.md``.
+the published figures. ``--references`` scores image folders made by other code (ImageFolder
+layout) with the same evaluator in the same run. ``--audit`` adds the privacy audit of each set
+against the real training set (near-copies, nearest/second-nearest ratio, images still nearest to
+the real image they started from). Writes ``bench/condense.json`` and the tables into ``BENCHMARKS.md``.
 """
 from __future__ import annotations
 
@@ -22,12 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.condense import condense  # noqa: E402
-from datafree.config import parse_duration  # noqa: E402
-from datafree.data import ImageSet, load_dataset  # noqa: E402
+from datafree.condense_job import CondenseJob, run_condense  # noqa: E402
+from datafree.data import ImageSet, dataset_spec, load_dataset  # noqa: E402
 from datafree.evaluate import PROTOCOL, evaluate_set  # noqa: E402
+from datafree.export import init_sources, read_set  # noqa: E402
 
-PUBLISHED = {  # DESIGN.md: ConvNet test accuracy at 1 / 10 / 50 images per class
+PUBLISHED = {  # ConvNet test accuracy at 1 / 10 / 50 images per class: Zhao, Mopuri & Bilen, "Dataset Condensation with
+    # Gradient Matching", ICLR 2021, Table 1 (random, herding, DC); Zhao & Bilen, "Dataset Condensation with Differentiable
+    # Siamese Augmentation", ICML 2021, Table 1 (DSA); Zhao & Bilen, "Dataset Condensation with Distribution Matching",
+    # WACV 2023, Table 1 (DM)
     ("mnist", "random"): (64.9, 95.1, 97.9), ("mnist", "herding"): (89.2, 93.7, 94.8),
     ("mnist", "dc"): (91.7, 97.4, 98.8), ("mnist", "dsa"): (88.7, 97.8, 99.2), ("mnist", "dm"): (89.7, 97.5, 98.6),
     ("fashion-mnist", "random"): (51.4, 73.8, 82.5), ("fashion-mnist", "herding"): (67.0, 71.1, 71.9),
@@ -39,15 +49,26 @@ ITERATION_IS = {"dc": "one fresh matching network (outer x inner steps by ipc)",
                 "dm": "one matching step on a fresh random network"}
 
 
-def _source(dataset: str):
-    """A real training set by name, or ``transfer:RUN`` for a distill run's transfer set (no real data)."""
+def _source(dataset: str) -> tuple[str, str, str]:
+    """``(condense source, real test set name, label)``: a real set by name, or ``transfer:RUN`` (no real data)."""
     if dataset.startswith("transfer:"):
-        from datafree.data import load_transfer_set
+        return dataset.removeprefix("transfer:"), "mnist", "mnist (data-free)"
+    return dataset, dataset, dataset
 
-        run = dataset.removeprefix("transfer:")
-        images, _ = load_transfer_set(run)
-        return images, load_dataset("mnist", train=False), "mnist (data-free)"
-    return load_dataset(dataset, train=True), load_dataset(dataset, train=False), dataset
+
+def _audit(folder: Path, real: ImageSet) -> dict:
+    """Near-copies, the median nearest/second-nearest ratio and traceability of a set against ``real``."""
+    from datafree.audit import audit_set
+    from datafree.condense_job import dataset_digest
+
+    images, _, manifest = read_set(folder, spec=real.spec)
+    starts = init_sources(folder)
+    same_source = manifest.get("source", {}).get("sha256") == dataset_digest(real.images, real.labels)
+    report = audit_set(images, real, None, init_source=starts if same_source and starts is not None else None)
+    trace = report.get("traceability", {})
+    return {"near_copies": report["pixel"]["near_copies"], "ratio_median": round(report["pixel"]["ratio"]["median"], 3),
+            "nn1_median": round(report["pixel"]["nn1"]["median"], 3),
+            "nearest_is_own_source": trace.get("nearest_is_own_source"), "from_source": trace.get("images_from_source", 0)}
 
 
 def main():
@@ -64,41 +85,77 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "condense.json"))
     parser.add_argument("--merge", action="store_true", help="add to (or replace rows in) an existing --out")
     parser.add_argument("--load", default="alone", help="what ran beside this benchmark, recorded with every row")
+    parser.add_argument("--inits", default="real", help="initialisations of the matching methods, e.g. real,kmeans,noise")
+    parser.add_argument("--audit", action="store_true", help="audit each set against the real training set")
+    parser.add_argument("--references", help="image folders made by other code to score in the same run (comma-separated)")
+    parser.add_argument("--reference-test", default="mnist", help="the real test set of the --references")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     settings = {}
     if args.quick:
         args.rows, args.iterations, args.models, args.epochs = "mnist:1:dc:10s,mnist:1:random:-", 3, 1, 2
+        args.out = str(ROOT / "bench" / "condense_quick.json")
         settings = {"net_width": 8, "real_per_class": 16}
-    rows_spec = [r.split(":") for r in args.rows.split(",")] if args.rows else [
+    rows_spec = [] if args.rows == "-" else [r.split(":") for r in args.rows.split(",")] if args.rows else [
         (d, i, m, args.budget) for d in args.datasets.split(",") for i in args.ipc.split(",") for m in args.methods.split(",")]
     rows = []
     for spec in rows_spec:
         *dataset, ipc, method, budget = spec
         dataset = ":".join(dataset)
-        train, test, label = _source(dataset)
-        started = time.monotonic()
-        result = condense(train, method, int(ipc), seed=0, iterations=args.iterations, time_budget=None if budget == "-" else parse_duration(budget),
-                          **settings)
-        seconds = time.monotonic() - started
-        scored = evaluate_set(ImageSet(result.images, result.labels, train.spec, name=test.name), test,
+        source, test_name, label = _source(dataset)
+        test = load_dataset(test_name, train=False)
+        for init in args.inits.split(",") if method in ITERATION_IS else ["-"]:
+            out = ROOT / "bench" / "condense_runs" / f"{label.split()[0]}_{'free_' if 'free' in label else ''}ipc{ipc}_{method}_{budget}_{init}"
+            job = CondenseJob(source=source, out=str(out), ipc=int(ipc), method=method, steps=args.iterations, overwrite=True,
+                              time_budget=None if budget == "-" else budget, init=init if init != "-" else "real",
+                              progress=not args.no_progress, **settings)
+            started = time.monotonic()
+            run_condense(job)
+            seconds = time.monotonic() - started
+            condensed, _, manifest = read_set(out)
+            scored = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
+                                  models=args.models, epochs=args.epochs)
+            published = None if "free" in label else PUBLISHED.get((dataset, method))  # no published data-free row
+            column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
+            row = {"dataset": label, "ipc": int(ipc), "method": method, "budget": budget, "init": init,
+                   "iterations": manifest.get("iterations_done") or None, "seconds": round(seconds, 1), "mean": scored["mean"],
+                   "std": scored["std"], "accuracies": scored["accuracies"],
+                   "published": published[column] if published and column is not None else None,
+                   "iteration_is": ITERATION_IS.get(method, "-"), **_common(args)}
+            if args.audit:
+                row["audit"] = _audit(out, load_dataset(test_name, train=True))
+            rows.append(row)
+            print(json.dumps(rows[-1]), flush=True)
+            write_results(args, rows)  # after every row: a stopped run keeps what it measured
+    for folder in args.references.split(",") if args.references else []:
+        folder = Path(folder)
+        test_name = args.reference_test
+        test = load_dataset(test_name, train=False)
+        condensed, _, manifest = read_set(folder, spec=dataset_spec(test_name))
+        scored = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
                               models=args.models, epochs=args.epochs)
-        published = None if label.endswith("(data-free)") else PUBLISHED.get((dataset, method))  # no published data-free row
-        column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
-        rows.append({"dataset": label, "ipc": int(ipc), "method": method, "budget": budget,
-                     "iterations": len(result.history) or None, "seconds": round(seconds, 1), "mean": scored["mean"],
-                     "std": scored["std"], "accuracies": scored["accuracies"],
-                     "published": published[column] if published and column is not None else None,
-                     "iteration_is": ITERATION_IS.get(method, "-"), "load": args.load, "command": " ".join(["python", *sys.argv]),
-                     "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "run_date": time.strftime("%Y-%m-%d"),
-                     "protocol": f"datafree fixed protocol, {args.models} models x {args.epochs} epochs"})
+        ipc = len(condensed) // condensed.spec.num_classes
+        row = {"dataset": test_name, "ipc": ipc, "method": f"reference:{folder.name}", "budget": folder.name.rsplit("_t", 1)[-1] + " s",
+               "init": "-", "iterations": None, "seconds": None, "mean": scored["mean"], "std": scored["std"],
+               "accuracies": scored["accuracies"], "published": None, "iteration_is": "made by other code: see ../shared/reference/README.md",
+               **_common(args)}
+        if args.audit:
+            row["audit"] = _audit(folder, load_dataset(test_name, train=True))
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
-        write_results(args, rows)  # after every row: a stopped run keeps what it measured
+        write_results(args, rows)
+
+
+def _common(args) -> dict:
+    return {"load": args.load, "command": " ".join(["python", *sys.argv]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "run_date": time.strftime("%Y-%m-%d"),
+            "protocol": f"datafree fixed protocol, {args.models} models x {args.epochs} epochs"}
 
 
 def write_results(args, rows):
     out = Path(args.out)
     old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
-    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"))  # noqa: E731
+    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"), r.get("init", "real"))  # noqa: E731
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -108,22 +165,35 @@ def write_results(args, rows):
     out.write_text(json.dumps(result, indent=2))
     lines = [f"Machine: {result['machine']}. Date: {result['date']}. Evaluation: {result['evaluation']} (fixed protocol). "
              f"Last command: `{result['command']}`", "",
-             "| data set | ipc | method | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| data set | ipc | method | init | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('budget', '-')} | {r['iterations'] or '-'} | "
-                     f"{r['seconds']} | {r['mean']} +- {r['std']} | {r['published'] if r['published'] is not None else '-'} | "
-                     f"{r.get('load', 'see the notes below')} |")
-    table = "\n".join(lines)
-    print(table)
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
+                     f"{r['iterations'] or '-'} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['mean']} +- {r['std']} | "
+                     f"{r['published'] if r['published'] is not None else '-'} | {r.get('load', 'see the notes below')} |")
+    audited = [r for r in result["rows"] if r.get("audit")]
+    audit_lines = ["| data set | ipc | method | init | budget | accuracy % | near-copies | median nn1/nn2 ratio | median nn1 | "
+                   "still nearest to own start |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in audited:
+        a = r["audit"]
+        trace = f"{a['nearest_is_own_source']} of {a['from_source']}" if a.get("from_source") else "- (no real start)"
+        audit_lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
+                           f"{r['mean']} +- {r['std']} | {a['near_copies']} | {a['ratio_median']} | {a['nn1_median']} | {trace} |")
+    print("\n".join(lines + [""] + (audit_lines if audited else [])))
     if not args.quick:
-        path = ROOT / "BENCHMARKS.md"
-        start, end = "<!-- condense:start -->", "<!-- condense:end -->"
-        text = path.read_text()
-        block = f"{start}\n{table}\n{end}"
-        text = (text[: text.index(start)] + block + text[text.index(end) + len(end):]) if start in text else \
-            text + f"\n## Dataset condensation\n\n{block}\n"
-        path.write_text(text)
+        _write_block("condense", "\n".join(lines), "Dataset condensation")
+        if audited:
+            _write_block("condense-audit", "\n".join(audit_lines), "Condensation: initialisation, accuracy and privacy")
+
+
+def _write_block(name: str, table: str, heading: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    block = f"{start}\n{table}\n{end}"
+    text = (text[: text.index(start)] + block + text[text.index(end) + len(end):]) if start in text else \
+        text + f"\n## {heading}\n\n{block}\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -592,3 +592,15 @@ def test_audit_and_evaluate_a_plain_image_folder_made_by_another_tool(tmp_path, 
     assert torch.equal(theirs.labels, ours.labels)
     assert main(["evaluate-set", str(other), "--arch", "lenet5"]) == 2
     assert "--test" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, flags", [({"ipc": 0}, ["--ipc", "0"]), ({"steps": 0}, ["--steps", "0"]),
+                                           ({"time_budget": "soon"}, ["--time-budget", "soon"])])
+def test_a_wrong_condense_field_reads_the_same_over_http_and_on_the_command_line(tmp_path, capsys, config, flags):
+    from datafree.service.jobs import validate_job
+
+    with pytest.raises(UserError) as over_http:
+        validate_job(None, "condense", config)
+    assert main(["condense", *flags, "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip() == f"datafree: error: {over_http.value}"
+    assert not (tmp_path / "x").exists()
