@@ -11,7 +11,8 @@ Registry by name:
 - baselines ``random``, ``herding`` and ``kcenter`` (faiss), which select real images.
 
 Example:
-    >>> source = load_dataset("mnist", train=True, data_dir="../shared/data")
+    >>> from datafree.data import load_dataset
+    >>> source = load_dataset("mnist", train=True)                # $DATAFREE_DATA, or --data-dir
     >>> result = condense(source, "random", ipc=10, seed=0)
     >>> result.images.shape
     torch.Size([100, 1, 28, 28])
@@ -117,7 +118,7 @@ def match_distance(grads_syn: list[torch.Tensor], grads_real: list[torch.Tensor]
 
     Example:
         >>> g = [torch.randn(4, 3, 3, 3), torch.randn(4)]
-        >>> match_distance(g, g).item()
+        >>> round(match_distance(g, g).item(), 4)
         0.0
     """
     total = grads_syn[0].new_zeros(())

@@ -14,6 +14,7 @@
       report.html, report/   image grid per class, curves, class histogram, accuracy table, audit
 
 Example:
+    >>> from datafree.config import resolve_distill_config
     >>> cfg = resolve_distill_config(overrides={"teacher": "assets/teachers/mnist_lenet5.safetensors", "steps": 50})
     >>> summary = run_distill(cfg)   # doctest: +SKIP
 """

@@ -1,6 +1,7 @@
 """One small registry class, used for every kind of component (models, generators, condensers).
 
 Example:
+    >>> import torch
     >>> MODELS = Registry("architecture")
     >>> @MODELS.register("tiny")
     ... def tiny(num_classes=10):

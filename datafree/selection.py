@@ -27,8 +27,8 @@ def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-sample weights that give every class present the same total weight.
 
     Example:
-        >>> balanced_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
-        [0.5, 0.5, 0.5, 1.5]
+        >>> [round(w, 3) for w in balanced_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()]   # mean 1, class totals equal
+        [0.667, 0.667, 0.667, 2.0]
     """
     counts = torch.bincount(labels, minlength=num_classes).float()
     present = int((counts > 0).sum())

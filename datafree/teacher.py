@@ -316,7 +316,9 @@ def load_teacher(path, arch: str | None = None, dataset: str | None = None, inpu
         input_spec: ``CxHxW[:mean:std]`` or an :class:`InputSpec`, overriding everything else.
 
     Example:
-        >>> load_teacher("model.pt2").describe()["bn_layers"]
+        >>> load_teacher("assets/teachers/mnist_lenet5.safetensors").spec.describe()
+        '1x28x28'
+        >>> load_teacher("model.pt2").describe()["bn_layers"]      # doctest: +SKIP
         ['body.1', 'body.5', 'body.9', 'fc.1']
     """
     fmt = sniff_format(path)

@@ -4,9 +4,10 @@ Used to train teachers (``datafree teacher train``) and, later, to evaluate cond
 Batches are sliced from one tensor (no per-sample Python), augmentation runs batched with kornia.
 
 Example:
-    >>> train = load_dataset("mnist", True, "../shared/data")
-    >>> model = create_model("lenet5")
-    >>> fit_supervised(model, train, epochs=1, seed=0)   # doctest: +SKIP
+    >>> from datafree.data import load_dataset
+    >>> from datafree.models import create_model
+    >>> train = load_dataset("mnist", True)      # $DATAFREE_DATA, or data_dir=...
+    >>> model = fit_supervised(create_model("lenet5"), train, epochs=1, seed=0)   # doctest: +SKIP
 """
 from __future__ import annotations
 

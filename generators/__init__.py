@@ -5,6 +5,7 @@ pixels in [0, 1] at the teacher's channels and size; the synthesizer normalises 
 teacher's input space.
 
 Example:
+    >>> import torch
     >>> g = create_generator("dcgan", channels=1, size=28, num_classes=10, latent_dim=64, width=32)
     >>> g(torch.randn(4, 64)).shape
     torch.Size([4, 1, 28, 28])

@@ -13,7 +13,12 @@ Kinds and their config (JSON):
 Clients name stored teachers, finished jobs and data sets by name, never server paths.
 
 Example:
-    >>> argv = command_for(store, "condense", validate_job(store, "condense", {"source": "mnist", "ipc": 1}), out)
+    >>> validate_job(None, "condense", {"source": "mnist", "ipc": 1})
+    {'source': 'mnist', 'ipc': 1}
+    >>> validate_job(None, "condense", {"ipc": "ten"})
+    Traceback (most recent call last):
+    datafree.errors.UserError: config field 'ipc' must be int, got 'ten'
+    >>> argv = command_for(store, {"id": job_id, "kind": "condense", "config": config})   # doctest: +SKIP
 """
 from __future__ import annotations
 
