@@ -27,6 +27,7 @@ import torch
 
 from datafree.data import ImageSet
 from datafree.errors import UserError
+from datafree.progress import Stages
 from datafree.training import predict
 
 SCHEMA = "datafree-audit/1"
@@ -131,18 +132,21 @@ def traceability(syn: np.ndarray, real: np.ndarray, init_source: np.ndarray, nea
 
 
 def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, quantile: float = 0.01,
-              calibration: int = 2000, seed: int = 0, init_source: torch.Tensor | None = None) -> dict:
+              calibration: int = 2000, seed: int = 0, init_source: torch.Tensor | None = None, progress: bool = False) -> dict:
     """Audit ``synthetic`` against ``real`` (optional) in pixel space and, with ``teacher``, in its feature space.
 
     ``synthetic`` and ``real`` may use different normalisations (both are compared as [0, 1] pixels)
     but must have the same channels and size. The verdict is ``fail`` when any near-copy is found.
     ``init_source`` (per synthetic image, the index in ``real`` of the image it started from, or -1)
     adds the traceability figures; pass it only when ``real`` is the set the images started from.
+    With ``progress``, a bar counts the audit's stages; the service's progress file follows them either way.
 
     Example:
         >>> audit_set(condensed, real=load_dataset("mnist"))["pixel"]["near_copies"]   # doctest: +SKIP
         0
     """
+    stages = ["diversity"] + (["pixel space"] if real is not None else []) + (["feature space"] if real is not None and teacher else [])
+    bar = Stages(stages, "audit", progress)
     rng = np.random.default_rng(seed)
     syn_px = _pixels(synthetic)
     report = {"schema": SCHEMA, "synthetic": {"name": synthetic.name, "count": len(synthetic.images)},
@@ -150,8 +154,10 @@ def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, q
     if teacher is not None:
         report["diversity"]["teacher_class_counts"] = torch.bincount(
             predict(teacher, _in_teacher_space(teacher, synthetic)).argmax(1), minlength=synthetic.spec.num_classes).tolist()
+    bar.next()
     if real is None:
         report.update(real=None, verdict="diversity only (no real data given)")
+        bar.close()
         return report
     if (real.spec.channels, real.spec.size) != (synthetic.spec.channels, synthetic.spec.size):
         raise UserError(f"the synthetic images are {synthetic.spec.describe()} but the real ones {real.spec.describe()}")
@@ -164,10 +170,13 @@ def audit_set(synthetic: ImageSet, real: ImageSet | None = None, teacher=None, q
     else:
         report["pixel"].pop("nearest_all")
     copies = report["pixel"]["near_copies"]
+    bar.next()
     if teacher is not None:
         report["feature"] = _leakage(_features(teacher, synthetic), _features(teacher, real), quantile, calibration, rng)
         report["feature"].pop("nearest_all")
         copies = max(copies, report["feature"]["near_copies"])
+        bar.next()
     report["verdict"] = "pass" if copies == 0 else "fail"
+    bar.close()
     return report
 

@@ -15,7 +15,9 @@ A user's mistake ends in one sentence on stderr and exit status 2; a bug keeps i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,38 @@ from datafree.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teachers" / "mnist_lenet5.safetensors"
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """``--data-dir`` and ``--download``, on every command that may read a real data set."""
+    p.add_argument("--data-dir", help="folder with torchvision's layout of the data sets (default: $DATAFREE_DATA, "
+                                      "else ~/.cache/datafree/data)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download MNIST / Fashion-MNIST / CIFAR-10 into the data folder when missing "
+                        "(needs the network; the same as DATAFREE_DOWNLOAD=1)")
+
+
+@contextlib.contextmanager
+def _downloads(allowed: bool):
+    """``--download``: DATAFREE_DOWNLOAD=1 while the command runs, so every data set it loads may be fetched.
+
+    Example:
+        >>> with _downloads(True):
+        ...     os.environ["DATAFREE_DOWNLOAD"]
+        '1'
+    """
+    from datafree.data import DOWNLOAD_ENV
+
+    before = os.environ.get(DOWNLOAD_ENV)
+    if allowed:
+        os.environ[DOWNLOAD_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DOWNLOAD_ENV, None)
+        else:
+            os.environ[DOWNLOAD_ENV] = before
 
 
 def _add_teacher_source(p: argparse.ArgumentParser) -> None:
@@ -172,7 +206,7 @@ def cmd_evaluate_set(args) -> int:
     if (condensed.spec.channels, condensed.spec.size) != (test.spec.channels, test.spec.size):
         raise UserError(f"the set holds {condensed.spec.describe()} images but {test_name} is {test.spec.describe()}")
     result = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
-                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=True)
+                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {args.models} models on the {test_name} test set")
     if args.record:
         if not own:
@@ -237,7 +271,7 @@ def cmd_audit(args) -> int:
     if args.no_teacher:
         teacher = None
     starts, why_not = _traceable_sources(folder, manifest, real) if real is not None else (None, None)
-    report = audit_set(synthetic, real, teacher, quantile=args.quantile, init_source=starts)
+    report = audit_set(synthetic, real, teacher, quantile=args.quantile, init_source=starts, progress=not args.no_progress)
     if why_not and real is not None:
         report["traceability"] = {"measured": False, "reason": why_not}
     write_json(out, report)
@@ -300,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", default="affine", help="affine (digits, default), flip-shift (clothes, photos), none")
-    p.add_argument("--data-dir")
+    _add_data_options(p)
     p.add_argument("--out", required=True, help="path without suffix; NAME.safetensors and NAME.json are written")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_teacher_train)
@@ -343,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-data", help="real test set for the report only (default: the teacher card's data set, if present)")
     p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
-    p.add_argument("--data-dir")
+    _add_data_options(p)
     p.add_argument("--accelerator", help="passed to Lightning: cpu, gpu, auto")
     p.add_argument("--devices", type=int, help="passed to Lightning")
     p.add_argument("--num-nodes", type=int, help="passed to Lightning")
@@ -376,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=1, help="processes per machine; the classes are split across them (Lightning Fabric)")
     p.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning Fabric; set MASTER_ADDR, NODE_RANK as Lightning documents)")
     p.add_argument("--strategy", help="Lightning strategy for --devices/--num-nodes (default ddp; gloo on CPUs)")
-    p.add_argument("--data-dir")
+    _add_data_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -389,9 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--test", help="real test set (default: the set's source)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir")
+    _add_data_options(p)
     p.add_argument("--record", action="store_true", help="append the result to the set's manifest.json")
     p.add_argument("--out", help="also write the result to OUT/evaluation.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate_set)
 
     p = sub.add_parser("audit", help="check a synthetic set for leaked real images (faiss nearest neighbours)")
@@ -402,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=float, default=0.01, help="near-copy threshold: this quantile of real-to-real distances")
     p.add_argument("--out", help="where to write the audit (default SYNTHETIC/audit.json)")
     p.add_argument("--strict", action="store_true", help="exit 1 when near-copies are found")
-    p.add_argument("--data-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_options(p)
     p.set_defaults(func=cmd_audit)
 
     export = sub.add_parser("export", help="package results for handoff").add_subparsers(dest="action", required=True)
@@ -411,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--test", help="real test set for the card's accuracy (default: the figures the run recorded)")
     p.add_argument("--int8", action="store_true", help="also post-training int8 quantisation, with its size and accuracy")
-    p.add_argument("--data-dir")
+    _add_data_options(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_student)
 
@@ -428,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _downloads(getattr(args, "download", False)):
+            return args.func(args)
     except UserError as e:
         print(f"datafree: error: {e}", file=sys.stderr)
         return 2

@@ -41,18 +41,34 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
                  seed: int = 0, progress: bool = False) -> dict:
     """Train ``models`` fresh networks on ``train`` with the fixed protocol; accuracy on ``test``.
 
-    Returns ``{"mean", "std", "accuracies", "protocol"}`` (percent).
+    Returns ``{"mean", "std", "accuracies", "protocol"}`` (percent). With ``progress``, one bar
+    (with ETA) counts the epochs of all models; the service's progress file follows it either way.
     """
+    from tqdm.auto import tqdm
+
+    from datafree.progress import ProgressFile
+
     spec = train.spec
     kwargs = PROTOCOL["arch_kwargs"] if arch == "convnet" else {}
     accuracies = []
+    bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
+    report = ProgressFile()
+
+    def epoch_done(i, done):
+        bar.update(i * epochs + done - bar.n)
+        report.update((i * epochs + done) / (models * epochs), i * epochs + done, models * epochs,
+                      {"model": i + 1, **({"accuracy": accuracies[-1]} if accuracies else {})})
+
     for i in range(models):
         torch.manual_seed(seed + i)
         model = create_model(arch, spec.num_classes, spec.channels, spec.size, **kwargs)
         fit_supervised(model, train, epochs=epochs, batch_size=PROTOCOL["batch_size"], lr=PROTOCOL["lr"], seed=seed + i,
-                       augment=DSATransform(test.name or train.name), progress=progress, momentum=PROTOCOL["momentum"],
-                       weight_decay=PROTOCOL["weight_decay"], milestones=[epochs // 2], nesterov=False)
+                       augment=DSATransform(test.name or train.name), progress=False, momentum=PROTOCOL["momentum"],
+                       weight_decay=PROTOCOL["weight_decay"], milestones=[epochs // 2], nesterov=False,
+                       on_epoch=lambda done, i=i: epoch_done(i, done))
         accuracies.append(accuracy(model, test))
+        bar.set_postfix(last=f"{accuracies[-1]:.2f}%")
+    bar.close()
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     return {"mean": round(statistics.fmean(accuracies), 2), "std": round(std, 2), "accuracies": [round(a, 2) for a in accuracies],
             "protocol": dict(PROTOCOL, arch=arch, arch_kwargs=kwargs, epochs=epochs, models=models, seed=seed)}

@@ -41,3 +41,35 @@ class ProgressFile:
         with open(tmp, "w") as f:
             json.dump(record, f)
         os.replace(tmp, self.path)
+
+
+class Stages:
+    """A bar over the named stages of a job (and the service's progress file), for work counted in steps, not epochs.
+
+    Example:
+        >>> stages = Stages(["load", "search"], "audit", show=False)
+        >>> stages.next(); stages.fraction
+        0.5
+    """
+
+    def __init__(self, names: list[str], desc: str, show: bool = True):
+        from tqdm.auto import tqdm
+
+        self.names, self.done, self.desc, self.report = names, 0, desc, ProgressFile()
+        self.bar = tqdm(total=len(names), desc=f"{desc}: {names[0]}" if names else desc, unit="stage", disable=not show)
+
+    @property
+    def fraction(self) -> float:
+        return self.done / max(len(self.names), 1)
+
+    def next(self) -> None:
+        """The current stage is done."""
+        self.done += 1
+        if self.done < len(self.names):
+            self.bar.set_description(f"{self.desc}: {self.names[self.done]}", refresh=False)
+        self.bar.update(1)
+        self.report.update(self.fraction, self.done, len(self.names), {"stage": self.names[min(self.done, len(self.names) - 1)]},
+                           force=True)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -112,8 +112,8 @@ def quiet_lightning() -> None:
 
 
 def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_size: int = 128, lr: float = 0.05,
-                   seed: int = 0, augment: nn.Module | None = None, progress: bool = True, **kwargs) -> nn.Module:
-    """Train ``model`` on ``data`` in place and return it.
+                   seed: int = 0, augment: nn.Module | None = None, progress: bool = True, on_epoch=None, **kwargs) -> nn.Module:
+    """Train ``model`` on ``data`` in place and return it; ``on_epoch(epochs_done)`` after each epoch.
 
     Example:
         >>> fit_supervised(create_model("lenet5"), train, epochs=1, progress=False)   # doctest: +SKIP
@@ -121,10 +121,21 @@ def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_siz
     quiet_lightning()
     L.seed_everything(seed, workers=True, verbose=False)
     module = SupervisedModule(model, lr=lr, augment=augment, **kwargs)
+    callbacks = [EpochHook(on_epoch)] if on_epoch else []
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, deterministic=False)
+                        enable_progress_bar=progress, enable_model_summary=False, deterministic=False, callbacks=callbacks)
     trainer.fit(module, batches(data, batch_size, seed))
     return model.eval()
+
+
+class EpochHook(L.Callback):
+    """Calls ``hook(epochs_done)`` at the end of every training epoch."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def on_train_epoch_end(self, trainer, module):
+        self.hook(trainer.current_epoch + 1)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -170,14 +170,14 @@ def command_for(store, job: dict, resume: bool = False) -> list[str]:
         return argv + (["--resume"] if resume else [])
     if kind == "evaluate":
         out.mkdir(parents=True, exist_ok=True)
-        argv += ["evaluate-set", str(_run_of(store, config["job"])), "--out", str(out)]
+        argv += ["evaluate-set", str(_run_of(store, config["job"])), "--out", str(out), "--no-progress"]
         for key in ("arch", "models", "epochs", "test"):
             if key in config:
                 argv += ["--" + key, str(config[key])]
         return argv
     if kind == "audit":
         out.mkdir(parents=True, exist_ok=True)
-        argv += ["audit", str(_run_of(store, config["job"])), "--out", str(out / "audit.json")]
+        argv += ["audit", str(_run_of(store, config["job"])), "--out", str(out / "audit.json"), "--no-progress"]
         return argv + (["--real", config["real"]] if config.get("real") else [])
     argv += ["export", "student", str(_run_of(store, config["job"])), "--out", str(out)]
     if config.get("int8"):
