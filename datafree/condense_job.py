@@ -26,66 +26,61 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields
+from typing import Literal
 from pathlib import Path
 
 import torch
 
-from datafree.config import DEFAULT_CONDENSE_METHOD, parse_duration
+from pydantic.dataclasses import dataclass
+
+from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, STRICT, build_config, describe, parse_duration
 from datafree.errors import UserError
 
 CHECKPOINT = "checkpoints/condense.pt"
 INITS = ("real", "noise", "kmeans")
 
 
-@dataclass
+@dataclass(config=STRICT)
 class CondenseJob:
-    """Everything a condensation job needs; :meth:`validate` checks it before any work.
+    """Everything a condensation job needs; :meth:`validate` checks what spans fields before any work.
 
     Example:
-        >>> CondenseJob(ipc=0).validate()
+        >>> job_from_dict({"ipc": 0})
         Traceback (most recent call last):
-        datafree.errors.UserError: ipc must be at least 1, got 0
+        datafree.errors.UserError: config field 'ipc' must be at least 1, got 0
     """
 
-    source: str = "mnist"                # data set name, folder, .npz, or a distill run folder (data-free)
-    out: str = "runs/condense"
-    ipc: int = 10                        # images per class
-    method: str = DEFAULT_CONDENSE_METHOD
-    steps: int = 1000                    # outer iterations (each with a fresh network)
-    time_budget: str | int | float | None = None  # e.g. "15m" or seconds
-    init: str = "real"                   # real | noise | kmeans
-    real_per_class: int | None = None
-    net_width: int | None = None
-    outer_loop: int | None = None
-    inner_loop: int | None = None
-    seed: int = 0
-    evaluate: int = 0                    # fresh models trained on the set after condensation (report only)
-    epochs: int = 300
-    test: str | None = None              # real test set for ``evaluate`` (default: the source's)
-    soft_labels: bool = False            # data-free mode: keep the teacher's softmax with each image
-    data_dir: str | None = None
-    download: bool = False
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    source: str = describe("a data set name (mnist, fashion-mnist), a folder, an .npz, or a distill run folder (data-free)", "mnist")
+    out: str = describe("the output folder", "runs/condense")
+    ipc: int = describe("images per class", 10, ge=1)
+    method: Literal[CONDENSE_METHODS] = describe(  # type: ignore[valid-type]
+        "matching (dc, dsa, dm) or selection (random, herding, kcenter); the default was chosen on a validation split",
+        DEFAULT_CONDENSE_METHOD)
+    steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
+    time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
+    init: Literal[INITS] = describe(  # type: ignore[valid-type]
+        "start from random real images of each class, noise, or k-means centres", "real")
+    real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
+    net_width: int | None = describe("width of the matching ConvNet (default 64, chosen on a validation split)", ge=1)
+    outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
+    inner_loop: int | None = describe("network updates between matching steps (default by ipc)", ge=1)
+    seed: int = describe("seed of every random draw", 0)
+    evaluate: int = describe("after condensing, train N fresh models with the fixed protocol (report only)", 0, ge=0)
+    epochs: int = describe("epochs of the evaluation protocol", 300, ge=1)
+    test: str | None = describe("real test set for evaluate (default: the source's)")
+    soft_labels: bool = describe("data-free mode: keep the teacher's softmax with each image", False)
+    data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
+    download: bool = describe("let torchvision download a missing data set (needs the network)", False)
+    devices: int = describe("processes per machine; the classes are split across them (Lightning Fabric)", 1, ge=1)
+    num_nodes: int = describe("machines (Lightning Fabric)", 1, ge=1)
+    strategy: str | None = describe("Lightning strategy for devices/num_nodes (default ddp; gloo on CPUs)")
+    resume: bool = describe("continue the run in out from its checkpoint (same settings)", False)
+    overwrite: bool = describe("allow a non-empty out", False)
+    progress: bool = describe("show a progress bar", True)
 
     def validate(self) -> "CondenseJob":
         """Raise :class:`UserError` (one sentence naming the field) for a bad value; return self."""
-        from datafree.condense import CONDENSERS
-
-        CONDENSERS.get_or_fail(self.method)
-        if self.init not in INITS:
-            raise UserError(f"unknown initialisation {self.init!r}; use {', '.join(INITS)}")
-        for name in ("ipc", "steps", "real_per_class", "net_width", "outer_loop", "inner_loop", "epochs", "devices", "num_nodes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be at least 1, got {value}")
-        if self.evaluate < 0:
-            raise UserError(f"evaluate must be 0 or more, got {self.evaluate}")
         self.budget_seconds()
         return self
 
@@ -296,10 +291,7 @@ def job_from_dict(values: dict) -> CondenseJob:
     Example:
         >>> job_from_dict({"ipc": 1, "colour": "red"})
         Traceback (most recent call last):
-        datafree.errors.UserError: unknown condense field 'colour'
+        datafree.errors.UserError: unknown config field 'colour'
     """
-    unknown = sorted(set(values) - set(JOB_FIELDS))
-    if unknown:
-        raise UserError(f"unknown condense field {unknown[0]!r}")
-    return CondenseJob(**{k: v for k, v in values.items() if v is not None})
+    return build_config(CondenseJob, {k: v for k, v in values.items() if v is not None}).validate()
 

@@ -12,70 +12,99 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import yaml
 
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
 from datafree.errors import UserError
 
+ADV_KINDS = ("l1", "kl", "js")
+KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2", "soft")
+STUDENT_LOSSES = ("kl", "l1")
+SCHEDULES = ("auto", "fixed")
+PRESET_NAMES = ("dafl", "dfad", "zskt", "dfq", "deepinversion", "fast", "zskd")  # PRESETS' keys (a test checks)
+GENERATOR_NAMES = ("dcgan", "conditional", "pixels")  # the generator registry's names (a test checks)
 
-@dataclass
+
+STRICT = ConfigDict(strict=True, extra="forbid")  # YAML, JSON and flags are checked alike: no silent "5" -> 5
+
+
+def describe(text: str, default=None, **kwargs):
+    """A config field with its one-sentence description (shown by ``--help`` and ``/openapi.json``)."""
+    if "default_factory" in kwargs:
+        return Field(description=text, **kwargs)
+    return Field(default, description=text, **kwargs)
+
+
+@dataclass(config=STRICT)
 class DistillConfig:
-    """Everything a ``datafree distill`` run needs; written to the run folder as ``config.yaml``."""
+    """Everything a ``datafree distill`` run needs; written to the run folder as ``config.yaml``.
 
-    teacher: str = ""
-    teacher_input_spec: str | None = None  # CxHxW[:mean:std], for a teacher file that does not say
-    student: str = "lenet5_half"
-    student_kwargs: dict = field(default_factory=dict)  # e.g. {"width": 32} for convnet
-    preset: str = "dfq"                    # default for BN teachers; NO_BN_PRESET for teachers without BN (BENCHMARKS.md)
-    preset_note: str = ""                  # why the preset was chosen automatically (printed at the start of a run)
-    out: str = "runs/distill"
-    seed: int = 0
-    steps: int = 1000                      # synthesis rounds (one generator update + student steps each)
-    time_budget: str | None = None         # e.g. "10m"; stops early, keeps the best checkpoint
+    Example:
+        >>> DistillConfig(steps=0)
+        Traceback (most recent call last):
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for DistillConfig...
+    """
+
+    teacher: str = describe("the teacher file: .safetensors with its .json card, .pt2, or TorchScript", "")
+    teacher_input_spec: str | None = describe("CxHxW[:mean:std] of a teacher file that does not say, e.g. 1x28x28:0.1307:0.3081")
+    student: str = describe("student architecture from the zoo, or a .safetensors file to start from", "lenet5_half")
+    student_kwargs: dict = describe("keyword arguments of the student architecture, e.g. {width: 32}", default_factory=dict)
+    preset: Literal[PRESET_NAMES] = describe(  # type: ignore[valid-type]
+        "the method's defaults: dfq for a teacher with BN statistics, the no-BN preset for one without (BENCHMARKS.md)", "dfq")
+    preset_note: str = describe("why the preset was chosen automatically (printed at the start of a run)", "")
+    out: str = describe("the run folder", "runs/distill")
+    seed: int = describe("seed of every random draw (same seed, same run)", 0)
+    steps: int = describe("synthesis rounds: one generator update and the student steps each", 1000, ge=1)
+    time_budget: str | float | None = describe("stop after this long, e.g. 10m or 1h30m (or seconds), keeping the best student so far")
     # synthesis
-    generator: str = "conditional"
-    generator_kwargs: dict = field(default_factory=lambda: {"latent_dim": 64, "width": 32})
-    batch_size: int = 256                  # synthetic images per generator step
-    synth_steps: int = 1                   # generator updates per round
-    reset_every: int = 0                   # pixels: fresh batch every N rounds (0: never); a batch enters the pool when done
-    jitter: int = 0                        # random shift (pixels) of each synthetic batch before the teacher sees it
-    lr_generator: float = 1e-3
-    weights: dict = field(default_factory=dict)
-    bn_first_layer: float = 1.0
-    bn_momentum: float = 0.0
-    adv_kind: str = "js"
-    soft_temperature: float = 20.0         # the soft-target prior's temperature (ZSKD)
-    adv_temperature: float = 1.0
+    generator: Literal[GENERATOR_NAMES] = describe("generator architecture (generators/)", "conditional")  # type: ignore[valid-type]
+    generator_kwargs: dict = describe("keyword arguments of the generator",
+                                      default_factory=lambda: {"latent_dim": 64, "width": 32})
+    batch_size: int = describe("synthetic images per generator step", 256, ge=1)
+    synth_steps: int = describe("generator updates per round", 1, ge=1)
+    reset_every: int = describe("pixels: a fresh batch every N rounds (0: never); a finished batch joins the pool", 0, ge=0)
+    jitter: int = describe("random shift in pixels of each synthetic batch before the teacher sees it", 0, ge=0)
+    lr_generator: float = describe("generator (or pixel) learning rate", 1e-3, gt=0)
+    weights: dict = describe("loss weights of the synthesis priors, e.g. {bn: 1.0, adv: 1.0}", default_factory=dict)
+    bn_first_layer: float = describe("extra weight of the first BN layer's statistics", 1.0, ge=0)
+    bn_momentum: float = describe("momentum of the batch statistics matched to the BN running statistics (0: none)", 0.0, ge=0, lt=1)
+    adv_kind: Literal[ADV_KINDS] = describe("teacher-student disagreement the generator maximises", "js")  # type: ignore[valid-type]
+    soft_temperature: float = describe("the soft-target prior's temperature (ZSKD)", 20.0, gt=0)
+    adv_temperature: float = describe("temperature of the disagreement term", 1.0, gt=0)
     # student
-    lr_student: float = 0.05
-    student_optimizer: str = "sgd"
-    student_steps: int = 5                 # student updates per round, on pool samples (the floor under schedule=auto)
-    schedule: str = "fixed"                # fixed: as the preset says; auto: student steps fitted to the measured teacher cost
-    student_share: float = 0.5             # auto: the fraction of each round's time that goes to student steps
-    max_student_steps: int = 40            # auto: the most student steps per round
-    student_batch: int = 256
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.0                  # weight of CE on the teacher's argmax
-    student_loss: str = "kl"               # kl | l1 (DFAD)
-    augment: bool = True                   # random affine on pool samples, teacher re-labels them
-    mixup: float = 0.0                     # probability of mixing two pool samples per student batch
-    pool_size: int = 20000
+    lr_student: float = describe("student learning rate", 0.05, gt=0)
+    student_optimizer: Literal["sgd", "adam"] = describe("student optimiser", "sgd")
+    student_steps: int = describe("student updates per round on pool samples (the least, under schedule auto)", 5, ge=0)
+    schedule: Literal[SCHEDULES] = describe(  # type: ignore[valid-type]
+        "fixed: student steps as the preset says; auto: fitted to the measured cost of the teacher", "fixed")
+    student_share: float = describe("schedule auto: the fraction of each round's time for student steps", 0.5, gt=0, lt=1)
+    max_student_steps: int = describe("schedule auto: the most student steps per round", 40, ge=1)
+    student_batch: int = describe("pool samples per student step", 256, ge=1)
+    kd_temperature: float = describe("temperature of the student's KD loss", 4.0, gt=0)
+    kd_alpha: float = describe("weight of cross-entropy on the teacher's argmax beside KD", 0.0, ge=0)
+    student_loss: Literal[STUDENT_LOSSES] = describe("the student's loss on teacher logits: kl, or l1 as DFAD", "kl")  # type: ignore[valid-type]
+    augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)
+    mixup: float = describe("probability of mixing two pool samples in a student batch", 0.0, ge=0, le=1)
+    pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)
     # selection and bookkeeping (no real data)
-    holdout_every: int = 10                # every Nth synthetic batch goes to the held-out set
-    holdout_size: int = 2048
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    grid_every: int = 250
+    holdout_every: int = describe("every Nth synthetic batch goes to the held-out set that selects the student (0: none)", 10, ge=0)
+    holdout_size: int = describe("held-out synthetic samples", 2048, ge=1)
+    eval_every: int = describe("rounds between held-out agreement checks", 100, ge=1)
+    checkpoint_every: int = describe("rounds between checkpoints", 100, ge=1)
+    grid_every: int = describe("rounds between image grids (0: none)", 250, ge=0)
     # optional report-only evaluation on real data, after training
-    eval_data: str | None = None
-    data_dir: str | None = None
+    eval_data: str | None = describe("real test set for the report only, measured once after training (default: the card's)")
+    data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
     # scale-out, passed to Lightning
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
+    accelerator: str = describe("passed to Lightning: cpu, gpu, auto", "cpu")
+    devices: int = describe("passed to Lightning", 1, ge=1)
+    num_nodes: int = describe("passed to Lightning", 1, ge=1)
+    strategy: str = describe("passed to Lightning, e.g. ddp", "auto")
 
 
 PRESETS: dict[str, dict] = {
@@ -131,10 +160,6 @@ PRESETS: dict[str, dict] = {
 CONDENSE_METHODS = ("dc", "dsa", "dm", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
 NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
-STUDENT_LOSSES = ("kl", "l1")
-SCHEDULES = ("auto", "fixed")
-ADV_KINDS = ("l1", "kl", "js")
-KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2", "soft")
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -213,50 +238,54 @@ def default_preset(teacher_path: str | None, input_spec: str | None = None) -> t
 
 
 def build_config(cls, values: dict):
-    """Construct ``cls`` from a dict, naming any unknown field or wrongly typed value."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise UserError(f"unknown config field {key!r}")
-    cfg = cls(**values)
-    for name, f in known.items():
-        _check_type(name, getattr(cfg, name), f.type)
-    validate(cfg)
+    """Construct the typed config ``cls`` from a dict; a mistake becomes one sentence naming the field.
+
+    Example:
+        >>> build_config(DistillConfig, {"steps": "ten"})
+        Traceback (most recent call last):
+        datafree.errors.UserError: config field 'steps' must be an integer, got 'ten'
+    """
+    try:
+        cfg = cls(**values)
+    except ValidationError as e:
+        raise UserError(field_error(e)) from None
+    except TypeError as e:  # a keyword the dataclass does not have
+        raise UserError(f"unknown config field: {e}") from None
+    if cls is DistillConfig:
+        validate(cfg)
     return cfg
 
 
-def _check_type(name, value, annotation) -> None:
-    text = str(annotation)
-    allowed = [t for t, key in ((int, "int"), (float, "float"), (str, "str"), (bool, "bool"), (dict, "dict")) if key in text]
-    if value is None and "None" in text:
-        return
-    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-        return
-    if allowed and not any(isinstance(value, t) and not (t is int and isinstance(value, bool) and bool not in allowed) for t in allowed):
-        raise UserError(f"config field {name!r} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+KIND_WORDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "true or false",
+              "dict_type": "a mapping", "int_from_float": "an integer"}
+BOUND_WORDS = {"greater_than_equal": "at least {ge}", "greater_than": "more than {gt}", "less_than": "less than {lt}",
+               "less_than_equal": "at most {le}"}
+
+
+def field_error(error: ValidationError) -> str:
+    """The first error of a pydantic validation as one sentence that names the field."""
+    first = error.errors()[0]
+    name, kind, value, ctx = ".".join(str(x) for x in first["loc"]), first["type"], first.get("input"), first.get("ctx", {})
+    if kind == "unexpected_keyword_argument":
+        return f"unknown config field {name!r}"
+    if kind == "literal_error":
+        return f"unknown {name.replace('_', ' ')} {value!r}; use {ctx.get('expected', '').replace(chr(39), '')}"
+    if kind in BOUND_WORDS:
+        return f"config field {name!r} must be {BOUND_WORDS[kind].format(**ctx)}, got {value!r}"
+    if kind in KIND_WORDS:
+        return f"config field {name!r} must be {KIND_WORDS[kind]}, got {value!r}"
+    if first["loc"] == () or kind == "missing_argument":
+        return f"config field {name!r} is required"
+    return f"config field {name!r}: {first['msg']}, got {value!r}"
 
 
 def validate(cfg: DistillConfig) -> None:
+    """The checks that span fields (each field's own type and range is checked by the typed config)."""
     for key in cfg.weights:
         if key not in KNOWN_WEIGHTS:
             raise UserError(f"unknown loss weight {key!r}; known: {', '.join(KNOWN_WEIGHTS)}")
-    if cfg.student_loss not in STUDENT_LOSSES:
-        raise UserError(f"unknown student loss {cfg.student_loss!r}; use {' or '.join(STUDENT_LOSSES)}")
-    if cfg.student_optimizer not in ("sgd", "adam"):
-        raise UserError(f"unknown student optimizer {cfg.student_optimizer!r}; use sgd or adam")
-    if cfg.adv_kind not in ADV_KINDS:
-        raise UserError(f"unknown disagreement {cfg.adv_kind!r}; use {', '.join(ADV_KINDS)}")
-    for name in ("steps", "batch_size", "student_batch", "pool_size", "eval_every", "checkpoint_every", "devices", "num_nodes"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"config field {name!r} must be at least 1")
-    if cfg.schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {cfg.schedule!r}; use {' or '.join(SCHEDULES)}")
-    if not 0 < cfg.student_share < 1:
-        raise UserError("config field 'student_share' must be between 0 and 1 (exclusive)")
     if cfg.max_student_steps < max(1, cfg.student_steps):
         raise UserError("config field 'max_student_steps' must be at least student_steps")
-    if cfg.student_steps < 0 or cfg.synth_steps < 1:
-        raise UserError("student_steps must be >= 0 and synth_steps >= 1")
     if cfg.weights.get("soft") and cfg.generator != "pixels":
         raise UserError("the soft-target prior (weights.soft) needs the pixels generator: each image has its own target")
     parse_duration(cfg.time_budget)

@@ -17,7 +17,7 @@ Example:
     {'source': 'mnist', 'ipc': 1}
     >>> validate_job(None, "condense", {"ipc": "ten"})
     Traceback (most recent call last):
-    datafree.errors.UserError: config field 'ipc' must be int, got 'ten'
+    datafree.errors.UserError: config field 'ipc' must be an integer, got 'ten'
     >>> argv = command_for(store, {"id": job_id, "kind": "condense", "config": config})   # doctest: +SKIP
 """
 from __future__ import annotations
@@ -36,14 +36,11 @@ AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
 
 
-def condense_fields() -> dict:
-    """The condense job's client fields and their types, read from :class:`~datafree.condense_job.CondenseJob`."""
-    import typing
+def condense_fields() -> list[str]:
+    """The condense job's fields a client may set: :class:`~datafree.condense_job.CondenseJob`'s, less the server's."""
+    from datafree.condense_job import JOB_FIELDS
 
-    from datafree.condense_job import CondenseJob
-
-    hints = typing.get_type_hints(CondenseJob)
-    return {name: hint for name, hint in hints.items() if name not in CONDENSE_SERVER_FIELDS}
+    return [name for name in JOB_FIELDS if name not in CONDENSE_SERVER_FIELDS]
 
 
 def _kinds(want) -> tuple:
@@ -63,7 +60,8 @@ def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) ->
         kinds = _kinds(want)
         ok = value is None or (isinstance(value, kinds) and not (bool not in kinds and isinstance(value, bool)))
         if not ok:
-            raise UserError(f"config field {key!r} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+            words = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+            raise UserError(f"config field {key!r} must be {' or '.join(words.get(k, k.__name__) for k in kinds)}, got {value!r}")
     for key in required:
         if config.get(key) is None:
             raise UserError(f"config field {key!r} is required")
@@ -108,14 +106,21 @@ def validate_job(store, kind: str, config: dict) -> dict:
     if kind == "condense":
         from datafree.condense_job import job_from_dict
 
-        config = _check_fields(config, condense_fields())
+        if not isinstance(config, dict):
+            raise UserError("config must be a JSON object")
+        blocked = sorted(set(config) & CONDENSE_SERVER_FIELDS)
+        if blocked:
+            raise UserError(f"config field {blocked[0]!r} is set by the server, not by a job")
+        job_from_dict(dict(config, source="mnist"))  # the command line's typed config: types, ranges, choices, in its words
+        config = {k: v for k, v in config.items() if v is not None}
         source = config.get("source", "mnist")
+        if not isinstance(source, str):
+            raise UserError(f"config field 'source' must be a string, got {source!r}")
         if source.startswith("job:"):
             _finished_job(store, source, ("distill",), "source")
         else:
             _data_name(source, "source")
         _data_name(config.get("test"), "test")
-        job_from_dict(dict(config, source="mnist")).validate()  # the command line's own checks, in its words
         return config
     if kind == "evaluate":
         config = _check_fields(config, EVALUATE_FIELDS, ("job",))

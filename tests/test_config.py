@@ -1,0 +1,57 @@
+"""The typed configs: every field described, choices that match the registries, one sentence per mistake."""
+import dataclasses
+
+import pytest
+
+from datafree.condense_job import CondenseJob, job_from_dict
+from datafree.config import (CONDENSE_METHODS, GENERATOR_NAMES, PRESET_NAMES, PRESETS, DistillConfig, build_config,
+                             resolve_distill_config)
+from datafree.errors import UserError
+
+
+def test_choices_are_the_registries():
+    from datafree.condense import CONDENSERS
+    from generators import GENERATORS
+
+    assert set(PRESET_NAMES) == set(PRESETS)
+    assert set(GENERATOR_NAMES) == set(GENERATORS)
+    assert set(CONDENSE_METHODS) == set(CONDENSERS)
+
+
+@pytest.mark.parametrize("cls", [DistillConfig, CondenseJob])
+def test_every_field_has_a_sentence(cls):
+    for field in dataclasses.fields(cls):
+        description = cls.__pydantic_fields__[field.name].description
+        assert description and len(description) > 10, field.name
+
+
+@pytest.mark.parametrize("values, sentence", [
+    ({"steps": "ten"}, "config field 'steps' must be an integer, got 'ten'"),
+    ({"steps": 0}, "config field 'steps' must be at least 1, got 0"),
+    ({"steps": 2.0}, "config field 'steps' must be an integer, got 2.0"),
+    ({"augment": "yes"}, "config field 'augment' must be true or false, got 'yes'"),
+    ({"schedule": "fast"}, "unknown schedule 'fast'; use auto or fixed"),
+    ({"stepz": 3}, "unknown config field 'stepz'"),
+    ({"mixup": 1.5}, "config field 'mixup' must be at most 1.0, got 1.5"),
+])
+def test_a_distill_mistake_is_one_sentence_naming_the_field(values, sentence):
+    with pytest.raises(UserError) as e:
+        build_config(DistillConfig, {"teacher": "t", **values})
+    assert str(e.value) == sentence
+
+
+def test_yaml_and_flags_are_checked_alike(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: t\nsteps: '12'\n")
+    with pytest.raises(UserError, match="config field 'steps' must be an integer, got '12'"):
+        resolve_distill_config("dfq", yaml_path=path)
+    path.write_text("teacher: t\nsteps: 12\nlr_student: 1\n")  # an integer where a number goes is fine
+    assert resolve_distill_config("dfq", yaml_path=path).lr_student == 1.0
+
+
+def test_condense_job_checks():
+    assert job_from_dict({"ipc": 3, "time_budget": 90}).budget_seconds() == 90.0
+    with pytest.raises(UserError, match="unknown method 'magic'; use dc, dsa, dm, random, herding or kcenter"):
+        job_from_dict({"method": "magic"})
+    with pytest.raises(UserError, match="config field 'real_per_class' must be at least 1, got 0"):
+        job_from_dict({"real_per_class": 0})
