@@ -206,8 +206,10 @@ def cmd_evaluate_set(args) -> int:
     if (condensed.spec.channels, condensed.spec.size) != (test.spec.channels, test.spec.size):
         raise UserError(f"the set holds {condensed.spec.describe()} images but {test_name} is {test.spec.describe()}")
     result = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
-                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-    print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {args.models} models on the {test_name} test set")
+                          arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
+                          protocol=args.protocol)
+    print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {result['protocol']['models']} models "
+          f"({args.protocol} protocol) on the {test_name} test set")
     if args.record:
         if not own:
             raise UserError("--record writes into a datafree set's manifest.json; this folder has none (use --out)")
@@ -416,11 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_condense)
 
-    p = sub.add_parser("evaluate-set", help="train fresh models on a condensed set with the fixed protocol")
-    p.add_argument("path")
+    p = sub.add_parser("evaluate-set", help="train fresh models on a condensed set (or any image folder) with a named protocol")
+    p.add_argument("path", help="a condensed set folder, or an image folder (<class>/<image>) made by any tool")
     p.add_argument("--arch", default="convnet", help="convnet (protocol), lenet5, resnet8, ...")
-    p.add_argument("--models", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--protocol", default="fixed", choices=["fixed", "published"],
+                   help="fixed: 3 models x 300 epochs (default); published: the reference code's 20 models x 1000 epochs")
+    p.add_argument("--models", type=int, help="fresh models to train (default: the protocol's)")
+    p.add_argument("--epochs", type=int, help="epochs per model (default: the protocol's)")
     p.add_argument("--test", help="real test set (default: the set's source)")
     p.add_argument("--seed", type=int, default=0)
     _add_data_options(p)
@@ -451,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_student)
 
-    p = sub.add_parser("serve", help="the HTTP job service (FastAPI); token from DATAFREE_TOKEN or made on first start")
+    p = sub.add_parser("serve", help="the HTTP job service (FastAPI); token from DATAFREE_TOKEN or made on first start",
+                       description="The HTTP job service. SIGTERM or Ctrl-C stops it cleanly: each running job saves a "
+                                   "checkpoint then (60 s at most) and resumes from it on the next start.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--store", default="datafree-store", help="folder for the SQLite job store, teachers and artifacts")

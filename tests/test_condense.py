@@ -20,7 +20,7 @@ from datafree.export import load_image_set, save_image_set
 
 
 @pytest.fixture(scope="module")
-def tiny_mnist():
+def tiny_mnist(real_data):
     full = load_dataset("mnist", train=False)
     keep = torch.cat([torch.nonzero(full.labels == c).flatten()[:20] for c in range(10)])
     return ImageSet(full.images[keep], full.labels[keep], full.spec, name="mnist")
@@ -180,6 +180,7 @@ def test_class_names_with_slashes_make_safe_folders(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s" / "train").iterdir() if p.is_dir()) == ["0_T-shirt_top", "1_Bag"]
 
 
+@pytest.mark.real_data
 def test_condense_command_line(tmp_path, capsys):
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "herding", "--net-width", "8",
                  "--out", str(tmp_path / "c"), "--no-progress"]) == 0
@@ -194,6 +195,7 @@ def test_condense_command_line(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.real_data
 def test_evaluate_set_command_line(tmp_path, capsys):
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "random", "--out", str(tmp_path / "c"),
                  "--no-progress"]) == 0
@@ -236,6 +238,7 @@ def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
     result = evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=3)
     assert (result["mean"], result["std"], result["accuracies"]) == (92.0, 2.0, [90.0, 92.0, 94.0])
     assert result["protocol"]["epochs"] == 300 and result["protocol"]["models"] == 3
+    assert [kwargs["milestones"] for _, _, kwargs in calls] == [[150]] * 3
     assert len(calls) == 3 and len({id(model) for model, _, _ in calls}) == 3  # a fresh network each time
     for model, data, kwargs in calls:
         assert data is tiny_mnist and isinstance(model, ConvNet)
@@ -262,7 +265,8 @@ def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
     # and the command line's defaults are the protocol's
     parser = build_parser()
     args = parser.parse_args(["evaluate-set", "somewhere"])
-    assert (args.arch, args.epochs) == ("convnet", 300)
+    assert (args.arch, args.protocol, args.epochs, args.models) == ("convnet", "fixed", None, None)  # None: the protocol's
+    assert (evaluate.PROTOCOLS["fixed"]["epochs"], evaluate.PROTOCOLS["fixed"]["models"]) == (300, 3)
     assert parser.parse_args(["condense", "--out", "x"]).epochs == 300
 
 
@@ -353,6 +357,7 @@ def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist,
     assert "the run's teacher '/nowhere/teacher.safetensors'" in capsys.readouterr().err
 
 
+@pytest.mark.real_data
 def test_condense_command_line_bad_input(tmp_path, capsys):
     from PIL import Image
 
@@ -541,6 +546,7 @@ def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist,
     assert len(seen) > 3
 
 
+@pytest.mark.real_data
 def test_audit_traces_real_initialised_images_to_their_sources(tmp_path, capsys):
     from datafree.export import init_sources
 
@@ -566,6 +572,7 @@ def test_audit_traces_real_initialised_images_to_their_sources(tmp_path, capsys)
     assert json.loads((tmp_path / "n" / "audit.json").read_text())["traceability"]["measured"] is False
 
 
+@pytest.mark.real_data
 def test_audit_and_evaluate_a_plain_image_folder_made_by_another_tool(tmp_path, capsys):
     """A folder of PNGs in <class>/ folders (no manifest), as the reference code writes: audited and scored."""
     import shutil
@@ -604,3 +611,18 @@ def test_a_wrong_condense_field_reads_the_same_over_http_and_on_the_command_line
     assert main(["condense", *flags, "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == f"datafree: error: {over_http.value}"
     assert not (tmp_path / "x").exists()
+
+
+def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
+    """--protocol published: 20 models, epochs 0..1000 (1001), lr x0.1 after epoch 501 (from epoch 502 on), as evaluate_synset."""
+    import datafree.evaluate as evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: calls.append(kwargs) or model)
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, data: 90.0)
+    result = evaluate.evaluate_set(tiny_mnist, tiny_mnist, protocol="published")
+    assert len(calls) == 20 and {c["epochs"] for c in calls} == {1001} and {tuple(c["milestones"]) for c in calls} == {(502,)}
+    assert {(c["lr"], c["momentum"], c["weight_decay"], c["batch_size"]) for c in calls} == {(0.01, 0.9, 5e-4, 256)}
+    assert result["protocol"]["name"] == "published" and result["protocol"]["models"] == 20
+    with pytest.raises(UserError, match="unknown evaluation protocol 'quick'"):
+        evaluate.evaluate_set(tiny_mnist, tiny_mnist, protocol="quick")

@@ -6,7 +6,7 @@ Kinds and their config (JSON):
 - ``distill``: ``{"teacher": TEACHER_ID, ...DistillConfig fields}`` (``preset`` picks defaults);
 - ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", ...}`` and the other fields of
   :class:`datafree.condense_job.CondenseJob` that a client may set (:func:`condense_fields`);
-- ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test"}``;
+- ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test", "protocol"}``;
 - ``audit``: ``{"job": DISTILL_OR_CONDENSE_JOB_ID, "real": "mnist" | null}``;
 - ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "test": "mnist" | null}``.
 
@@ -31,7 +31,7 @@ KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
 CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress"}
-EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str}
+EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str}
 AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
 
@@ -129,6 +129,10 @@ def validate_job(store, kind: str, config: dict) -> dict:
         from datafree.models import MODELS
 
         MODELS.get_or_fail(config.get("arch", "convnet"))
+        from datafree.evaluate import PROTOCOLS
+
+        if config.get("protocol", "fixed") not in PROTOCOLS:
+            raise UserError(f"unknown evaluation protocol {config['protocol']!r}; use {' or '.join(PROTOCOLS)}")
         return config
     if kind == "audit":
         config = _check_fields(config, AUDIT_FIELDS, ("job",))
@@ -176,7 +180,7 @@ def command_for(store, job: dict, resume: bool = False) -> list[str]:
     if kind == "evaluate":
         out.mkdir(parents=True, exist_ok=True)
         argv += ["evaluate-set", str(_run_of(store, config["job"])), "--out", str(out), "--no-progress"]
-        for key in ("arch", "models", "epochs", "test"):
+        for key in ("arch", "models", "epochs", "test", "protocol"):
             if key in config:
                 argv += ["--" + key, str(config[key])]
         return argv
