@@ -3,7 +3,9 @@
 Sources, by name or path:
 
 - ``mnist``, ``fashion-mnist`` (``fmnist``), ``cifar10``: torchvision's on-disk layout under the data
-  root (``--data-dir``, else ``$DATAFREE_DATA``). Offline and missing: one sentence naming the files.
+  root (``--data-dir``, else ``$DATAFREE_DATA``). Missing files are fetched by torchvision only when
+  asked (``--download`` or ``DATAFREE_DOWNLOAD=1``); otherwise one sentence names the files looked
+  for and the flag or variable to set.
 - a folder in torchvision ``ImageFolder`` layout (``root/<class>/<image>``);
 - an ``.npz`` file with ``x`` (N x H x W, N x H x W x C or N x C x H x W) and ``y`` arrays.
 
@@ -28,6 +30,7 @@ import torch
 from datafree.errors import UserError
 
 DATA_ENV = "DATAFREE_DATA"
+DOWNLOAD_ENV = "DATAFREE_DOWNLOAD"
 _REAL_DATA_FORBIDDEN: list[str] = []
 
 
@@ -160,6 +163,18 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "datafree" / "data"
 
 
+def download_allowed() -> bool:
+    """Whether torchvision may download missing data sets: ``$DATAFREE_DOWNLOAD`` is 1 (or true, yes, on).
+
+    The command line's ``--download`` sets it for the command it runs.
+
+    Example:
+        >>> os.environ["DATAFREE_DOWNLOAD"] = "1"; download_allowed()   # doctest: +SKIP
+        True
+    """
+    return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def dataset_spec(name: str) -> InputSpec:
     """The input spec of a named torchvision data set, without loading it."""
     key = canonical_name(name)
@@ -176,7 +191,8 @@ def load_dataset(name: str, train: bool = True, data_dir=None, download: bool = 
         name: ``mnist``, ``fashion-mnist``, ``cifar10``, a folder, or an ``.npz`` file.
         train: the training split (True) or the test split (False); ignored for folders and npz.
         data_dir: root of torchvision's layout; defaults to ``$DATAFREE_DATA``.
-        download: allow torchvision to download when the files are missing (needs the network).
+        download: allow torchvision to download when the files are missing (needs the network);
+            ``DATAFREE_DOWNLOAD=1`` allows it too (:func:`download_allowed`).
         spec: for folders and npz: the mean/std (and size) to normalise with; default [0, 1] pixels.
 
     Returns:
@@ -197,7 +213,7 @@ def load_dataset(name: str, train: bool = True, data_dir=None, download: bool = 
     key = canonical_name(name)
     if key not in TORCHVISION_SETS:
         raise UserError(f"unknown data set {name!r}: not a known name ({', '.join(TORCHVISION_SETS)}), an existing folder, or an .npz file")
-    return _load_torchvision(key, train, data_root(data_dir), download)
+    return _load_torchvision(key, train, data_root(data_dir), download or download_allowed())
 
 
 def _load_torchvision(key: str, train: bool, root: Path, download: bool) -> ImageSet:
@@ -207,10 +223,16 @@ def _load_torchvision(key: str, train: bool, root: Path, download: bool) -> Imag
     spec = dataset_spec(key)
     try:
         ds = getattr(torchvision.datasets, cls_name)(root=str(root), train=train, download=download)
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # not there; or the download failed (URLError is an OSError)
         expected = _expected_files(cls_name, root)
-        raise UserError(f"{cls_name} is not under the data root {str(root)!r} (looked for {expected}); "
-                        f"set --data-dir or ${DATA_ENV}, or allow the download ({e})") from None
+        if download:
+            reason = " ".join(str(e).split())[:300]
+            raise UserError(f"{cls_name} is not under the data root {str(root)!r} and downloading it failed ({reason}); "
+                            f"without the network, put the files there ({expected}) or point --data-dir or "
+                            f"{DATA_ENV} at a folder that holds them") from None
+        raise UserError(f"{cls_name} is not under the data root {str(root)!r} (looked for {expected}); point --data-dir "
+                        f"or {DATA_ENV} at the folder that holds it, or pass --download (or set {DOWNLOAD_ENV}=1) "
+                        "to let torchvision fetch it") from None
     data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(np.asarray(ds.data))
     if data.ndim == 3:  # N x H x W grey
         data = data.unsqueeze(1)

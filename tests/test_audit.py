@@ -13,7 +13,7 @@ from datafree.teacher import load_teacher
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(real_data):
     full = load_dataset("mnist", train=True)
     return ImageSet(full.images[:6000], full.labels[:6000], full.spec, name="mnist")
 
@@ -88,6 +88,7 @@ def test_audit_refuses_mismatched_sizes(real):
         audit_set(small, real)
 
 
+@pytest.mark.real_data
 def test_export_student_handoff_package(tmp_path, capsys):
     """export student writes a loadable package whose card accuracy and teacher agreement match an independent evaluation."""
     from datafree.config import resolve_distill_config

@@ -103,6 +103,7 @@ def test_exported_program_needs_no_datafree_import(tmp_path):
     assert out.returncode == 0 and "torch.Size([3, 10])" in out.stdout
 
 
+@pytest.mark.real_data
 def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
     from datafree.data import load_dataset
 
@@ -122,7 +123,8 @@ def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
     (["teacher", "inspect", str(TEACHERS / "mnist_lenet5.safetensors"), "--arch", "nonet"], "unknown architecture"),
     (["teacher", "inspect", str(TEACHERS / "mnist_lenet5.safetensors"), "--dataset", "svhn9"], "unknown data set"),
     (["teacher", "train", "--dataset", "nope", "--out", "x"], "unknown data set"),
-    (["teacher", "train", "--arch", "nonet", "--out", "x", "--epochs", "0"], "unknown architecture"),
+    pytest.param(["teacher", "train", "--arch", "nonet", "--out", "x", "--epochs", "0"], "unknown architecture",
+                 marks=pytest.mark.real_data),  # the data set is loaded first
 ])
 def test_user_errors_are_one_sentence_and_exit_2(args, message):
     out = run_cli(*args)

@@ -199,6 +199,7 @@ def test_select_best_keeps_the_snapshot_with_the_highest_holdout_agreement(tmp_p
     assert all(torch.equal(kept[k], states[expected[1]][k]) for k in kept)  # the winner is loaded into the student
 
 
+@pytest.mark.real_data
 def test_real_test_data_does_not_change_the_student(tmp_path):
     """A run with eval_data writes a byte-identical student.safetensors to one without: real data is report only."""
     plain = run_distill(tiny_config(tmp_path / "plain"), progress=False)
@@ -408,6 +409,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     assert sync and sync[0]["world_size"] == 2 and len(set(sync[0]["student_checksums"])) == 1
 
 
+@pytest.mark.real_data
 def test_pt2_teacher_of_another_zoo_arch(tmp_path):
     """A resnet8 teacher handed over as .pt2 ([0, 1] inputs): BN taps work and the report evaluates in its space."""
     model = create_model("resnet8", 10, 1, 28)

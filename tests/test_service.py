@@ -188,6 +188,7 @@ def test_artifact_names_cannot_escape(server, finished_distill):
         assert b"SQLite" not in r.content and b"root:" not in r.content
 
 
+@pytest.mark.real_data
 def test_derived_jobs_audit_export_condense(server, finished_distill):
     distill_id, _ = finished_distill
     audit = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id}}).json()
@@ -294,5 +295,149 @@ def test_sigkill_mid_job_then_restart_resumes_and_keeps_everything(tmp_path):
         assert "before the job wrote its first checkpoint" in interrupted["error"]
         assert {p: p.read_bytes() for p in kept} == kept  # the finished job's artifacts are untouched
         assert second.client.get(f"/v1/jobs/{done['id']}").json()["state"] == "succeeded"
+    finally:
+        second.stop()
+
+
+# --- the event stream: keep-alive, ids, Last-Event-ID --------------------------------------------------
+@pytest.fixture
+def quiet_server(tmp_path, monkeypatch):
+    """The app in this process over a store without workers: a job stays as the test leaves it, so its stream is quiet."""
+    import threading
+
+    import uvicorn
+
+    from datafree.service import app as service_app
+    from datafree.service.store import Store
+
+    monkeypatch.setattr(service_app, "KEEPALIVE_S", 0.5)
+    store = Store(tmp_path / "store")
+    store.ensure_token(TOKEN)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(service_app.create_app(store, start_workers=False), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10)
+    try:
+        yield store, client
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(30)
+        store.close()
+
+
+def _sse(lines, deadline: float, comments: bool = False):
+    """Server-sent events as dicts ({"id", "event", "data"}; a comment line as {"comment": text}), until ``deadline``."""
+    event = {}
+    for line in lines:
+        assert time.monotonic() < deadline, "the stream went on past the test's deadline"
+        if line.startswith(":"):
+            if comments:
+                yield {"comment": line[1:].strip(), "at": time.monotonic()}
+        elif not line:
+            if event:
+                yield event
+            event = {}
+        else:
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+
+
+def test_event_stream_sends_keep_alive_on_a_quiet_job(quiet_server):
+    store, client = quiet_server
+    job = store.create_job("distill", {})  # queued, and no worker will take it: nothing changes
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=5) as r:
+        items = _sse(r.iter_lines(), time.monotonic() + 10, comments=True)
+        first = next(items)
+        assert first["event"] == "progress" and json.loads(first["data"])["state"] == "queued"
+        since = time.monotonic()
+        beats = [next(items), next(items)]
+    assert [b.get("comment") for b in beats] == ["keep-alive", "keep-alive"]
+    # KEEPALIVE_S is 0.5 here: a keep-alive at least every 0.5 s (+ one poll), not only after the default 15 s
+    assert beats[0]["at"] - since < 1.5 and beats[1]["at"] - beats[0]["at"] < 1.5
+
+
+def test_event_ids_increase_and_last_event_id_resumes(quiet_server):
+    from datafree.service.app import JobEvents
+
+    store, client = quiet_server
+    job = store.create_job("distill", {})
+    url = f"/v1/jobs/{job['id']}/events"
+    seen = []
+    with client.stream("GET", url) as r:
+        events = _sse(r.iter_lines(), time.monotonic() + 20)
+        seen.append(next(events))  # queued
+        store.update_job(job["id"], state="running")
+        seen.append(next(events))
+        (store.job_dir(job["id"]) / "progress.json").write_text(json.dumps({"fraction": 0.5, "eta_s": 3.0}))
+        seen.append(next(events))
+        store.update_job(job["id"], state="succeeded")
+        seen += list(events)  # the final record, then the end
+    assert [e["event"] for e in seen] == ["progress"] * 4 + ["end"]
+    assert [json.loads(e["data"]).get("progress") for e in seen[:4]] == [0.0, 0.0, 0.5, 1.0]
+    ids = [int(e["id"]) for e in seen]
+    assert ids == sorted(set(ids))
+
+    def reconnect(last_id=None):
+        headers = {} if last_id is None else {"Last-Event-ID": str(last_id)}
+        with client.stream("GET", url, headers=headers) as r:
+            return list(_sse(r.iter_lines(), time.monotonic() + 20))
+
+    assert reconnect(ids[2]) == seen[3:]  # only what came after the last event the client saw
+    assert reconnect(ids[3]) == seen[4:]
+    assert reconnect(ids[4]) == []  # it saw the end: nothing again
+    assert reconnect() == seen[3:]  # a new client: the current record and the end
+    assert reconnect(10 ** 9) == seen[3:]  # an id this store never gave is ignored
+    assert JobEvents(store).observe(job["id"])[0] == ids[3]  # the numbering outlives the server
+
+
+# --- clean shutdown -------------------------------------------------------------------------------------
+def test_sigterm_mid_job_saves_then_restart_resumes_where_it_stopped(tmp_path):
+    """SIGTERM to the server: the running job saves a checkpoint at that moment (none was due), the server exits 0,
+    and the next start resumes the job from that checkpoint, not from its beginning."""
+    store = tmp_path / "store"
+    first = Server(store)
+    tid = _upload(first.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json").json()["id"]
+    steps = 10
+    job = first.client.post("/v1/jobs", json={"kind": "distill", "config": {
+        "teacher": tid, "steps": steps, **TINY_DISTILL, "checkpoint_every": 100000}}).json()
+    folder = store / "jobs" / job["id"]
+    metrics, ckpt = folder / "run" / "metrics.jsonl", folder / "run" / "checkpoints" / "last.ckpt"
+
+    def rounds_done():
+        try:
+            return json.loads((folder / "progress.json").read_text())["done"] or 0
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    deadline = time.monotonic() + 120
+    while rounds_done() < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped_at = rounds_done()
+    assert 3 <= stopped_at < steps and not ckpt.exists()  # mid-job, and no periodic checkpoint was due
+    first.stop(signal.SIGTERM)
+    assert first.proc.returncode == 0, (store.parent / f"server-{first.port}.log").read_text()[-2000:]
+    saved = int(torch.load(ckpt, weights_only=True)["datafree"]["rounds"])
+    assert stopped_at <= saved < steps  # saved where it stopped: the round running at the signal at most
+    row = sqlite3.connect(store / "datafree.db").execute("SELECT state, resume FROM jobs WHERE id = ?", (job["id"],)).fetchone()
+    assert tuple(row) == ("queued", 1)
+    before = [l for l in metrics.read_text().splitlines() if json.loads(l)["step"] <= saved]
+
+    second = Server(store)
+    try:
+        resumed = _wait(second.client, job["id"], timeout=120)
+        assert resumed["state"] == "succeeded" and resumed["attempts"] == 2 and "checkpoint it saved" in resumed["note"]
+        assert "--resume" in (folder / "log.txt").read_text()
+        after = metrics.read_text().splitlines()
+        assert after[:len(before)] == before  # the rounds up to the stop are the first run's own ...
+        for kind in ("round", "eval"):  # ... and none was run again (round 1 would be logged twice)
+            logged = [json.loads(l)["step"] for l in after if json.loads(l)["kind"] == kind]
+            assert logged == sorted(set(logged)) and logged[-1] == steps, kind
+        assert second.client.get(f"/v1/jobs/{job['id']}/artifacts/summary.json").json()["steps"] == steps
     finally:
         second.stop()

@@ -243,6 +243,7 @@ def test_save_model_is_byte_reproducible(tmp_path):
 SHIPPED = sorted((ROOT / "assets" / "teachers").glob("*.safetensors"))
 
 
+@pytest.mark.real_data
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_teacher_card_accuracy_is_remeasured_on_the_real_test_set(path):
     """Each shipped teacher's card test_accuracy equals (to 0.01) its accuracy re-measured on the real test set it names."""

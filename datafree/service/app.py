@@ -4,7 +4,7 @@
     GET  /v1/teachers
     POST /v1/jobs                          {"kind": "distill", "config": {...}}
     GET  /v1/jobs                          GET /v1/jobs/{id}
-    GET  /v1/jobs/{id}/events              server-sent events until the job ends
+    GET  /v1/jobs/{id}/events              server-sent events until the job ends (ids, keep-alive, Last-Event-ID)
     POST /v1/jobs/{id}/cancel
     GET  /v1/jobs/{id}/artifacts           GET /v1/jobs/{id}/artifacts/{name}
     GET  /healthz
@@ -20,8 +20,11 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +38,10 @@ from datafree.service.worker import Supervisor, read_progress
 
 MB = 1024 * 1024
 TEACHER_SUFFIXES = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".ts"}
+# an event stream that has sent nothing for this long sends a ``: keep-alive`` comment line, so that
+# proxies and clients do not time out on a quiet job (the environment variable is for tests and proxies)
+KEEPALIVE_S = float(os.environ.get("DATAFREE_SSE_KEEPALIVE", "15"))
+FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 class JobRequest(BaseModel):
@@ -112,19 +119,79 @@ def public_job(store, job: dict) -> dict:
             "error": job["error"], "note": job["note"]}
 
 
+class JobEvents:
+    """Numbers what a job's event stream shows: each change of the job's public record gets the next id.
+
+    A ``progress`` event carries the whole record, so a client that reconnects with ``Last-Event-ID: N``
+    is sent the current record only when it changed after event N (records it missed in between are
+    superseded by it), then the stream goes on. The last id and record are kept in the job's folder
+    (``events.json``), so ids keep increasing across server restarts; the ``end`` event's id is the
+    last record's plus one.
+
+    Example:
+        >>> events = JobEvents(store)
+        >>> event_id, text, state = events.observe(job_id)   # doctest: +SKIP
+        >>> events.observe(job_id)[0] == event_id             # nothing changed: same id   # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, store):
+        self.store, self.lock, self.seen = store, threading.Lock(), {}
+
+    def observe(self, job_id: str) -> tuple[int, str, str]:
+        """The job's current (event id, record as JSON text, state)."""
+        job = self.store.job(job_id)
+        text = json.dumps(public_job(self.store, job))
+        with self.lock:
+            event_id, last = self.seen.get(job_id) or self._load(job_id)
+            if text != last:
+                event_id += 1
+                self._save(job_id, event_id, text)
+            self.seen[job_id] = (event_id, text)
+        return event_id, text, job["state"]
+
+    def _path(self, job_id: str) -> Path:
+        return self.store.job_dir(job_id) / "events.json"
+
+    def _load(self, job_id: str) -> tuple[int, str | None]:
+        try:
+            saved = json.loads(self._path(job_id).read_text())
+            return int(saved["id"]), saved["record"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, None
+
+    def _save(self, job_id: str, event_id: int, text: str) -> None:
+        path = self._path(job_id)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps({"id": event_id, "record": text}))
+            os.replace(tmp, path)
+        except OSError:  # numbering then lasts only as long as this server; the stream goes on
+            pass
+
+
+def _last_event_id(request: Request) -> int:
+    """The ``Last-Event-ID`` a reconnecting client sends (0 when absent or not a number)."""
+    value = request.headers.get("last-event-id", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
 def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: int = 256, start_workers: bool = True) -> FastAPI:
     """The application over ``store``; starts the worker supervisor unless ``start_workers`` is False."""
     supervisor = Supervisor(store, workers)
+    events = JobEvents(store)
+    stopping = threading.Event()  # set when the server begins to stop: event streams end, so no client holds it up
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if start_workers:
             supervisor.start()
         yield
-        supervisor.stop()
+        stopping.set()
+        await asyncio.to_thread(supervisor.stop)  # each running job saves a checkpoint and stops (bounded wait)
 
     app = FastAPI(title="datafree", version="1", description="Data-free distillation and condensation jobs.", lifespan=lifespan)
-    app.state.supervisor = supervisor
+    app.state.supervisor, app.state.stopping = supervisor, stopping
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -222,21 +289,27 @@ def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: i
     async def job_events(job_id: str, request: Request):
         _job(job_id)
 
+        seen = _last_event_id(request)
+
         async def stream():
-            last = None
-            while True:
-                job = await asyncio.to_thread(store.job, job_id)
-                record = public_job(store, job)
-                text = json.dumps(record)
-                if text != last:
-                    yield f"event: progress\ndata: {text}\n\n"
-                    last = text
-                if job["state"] in ("succeeded", "failed", "cancelled", "interrupted"):
-                    yield f"event: end\ndata: {json.dumps({'state': job['state']})}\n\n"
+            sent_id, sent_at = seen, time.monotonic()
+            while not stopping.is_set():
+                event_id, text, state = await asyncio.to_thread(events.observe, job_id)
+                if sent_id > event_id + 1:  # an id this store never gave (another store, or its numbering lost)
+                    sent_id = 0
+                if event_id > sent_id:
+                    yield f"id: {event_id}\nevent: progress\ndata: {text}\n\n"
+                    sent_id, sent_at = event_id, time.monotonic()
+                if state in FINAL_STATES:
+                    if event_id + 1 > sent_id:
+                        yield f"id: {event_id + 1}\nevent: end\ndata: {json.dumps({'state': state})}\n\n"
                     return
                 if await request.is_disconnected():
                     return
-                await asyncio.sleep(0.5)
+                if time.monotonic() - sent_at >= KEEPALIVE_S:
+                    yield ": keep-alive\n\n"
+                    sent_at = time.monotonic()
+                await asyncio.sleep(min(0.5, KEEPALIVE_S))
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -266,9 +339,49 @@ def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: i
     return app
 
 
+def _stopping_server(config, stopping: threading.Event):
+    """uvicorn's server, made to stop cleanly on SIGTERM or Ctrl-C.
+
+    Event streams end at once (an open stream would hold the shutdown until its job ends), the
+    lifespan then lets each running job save a checkpoint and stop, and the process exits 0: uvicorn
+    (>= 0.29) re-raises the signal once it has shut down, which made the exit status 143.
+
+    Example:
+        >>> server = _stopping_server(uvicorn.Config(app), app.state.stopping); server.run()   # doctest: +SKIP
+    """
+    import signal
+
+    import uvicorn
+    from uvicorn.server import HANDLED_SIGNALS
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's, without raising the captured signal again at the end
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return StoppingServer(config)
+
+
 def serve(host: str, port: int, store_dir, workers: int, max_upload_mb: int = 200) -> int:
-    """Run the server until interrupted (the ``datafree serve`` command)."""
-    import os
+    """Run the server until SIGTERM or Ctrl-C (the ``datafree serve`` command); then each running job
+    saves a checkpoint and stops (it resumes on the next start), and 0 is returned.
+
+    Example:
+        >>> serve("127.0.0.1", 8000, "datafree-store", workers=1)   # doctest: +SKIP
+        0
+    """
     import sys
 
     import uvicorn
@@ -281,8 +394,10 @@ def serve(host: str, port: int, store_dir, workers: int, max_upload_mb: int = 20
         print(f"API token (shown once; it is stored hashed): {token}", file=sys.stderr, flush=True)
     app = create_app(store, workers=workers, max_upload_mb=max_upload_mb)
     print(f"datafree serving on http://{host}:{port} (store {store.root}, {workers} worker(s))", file=sys.stderr, flush=True)
+    # connections still open 5 s after the signal are closed: the jobs' checkpoints come first
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        _stopping_server(config, app.state.stopping).run()
     finally:
         store.close()
     return 0

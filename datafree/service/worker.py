@@ -1,8 +1,12 @@
 """The supervisor: runs queued jobs as ``datafree`` commands in worker processes, at most N at a time.
 
 Each worker is a child process that dies with the server (``PR_SET_PDEATHSIG``), so a killed
-server leaves no job running behind its back. On start, jobs the last server left ``running``
-are resumed from their checkpoint when they have one and marked ``interrupted`` otherwise.
+server leaves no job running behind its back. The signal is tied to the *thread* that started the
+worker (prctl(2)), so the supervisor thread outlives its workers: on a clean stop it asks each job
+to save a checkpoint and stop (SIGINT, as Ctrl-C would), waits for them (``STOP_TIMEOUT_S`` at
+most), queues the ones that saved to resume on the next start, and only then ends. On start, jobs
+the last server left ``running`` are resumed from their checkpoint when they have one and marked
+``interrupted`` otherwise.
 
 Example:
     >>> supervisor = Supervisor(store, workers=1); supervisor.start()   # doctest: +SKIP
@@ -20,6 +24,7 @@ import time
 from datafree.service.jobs import command_for, resumable
 
 PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 60.0  # on a clean stop, how long running jobs get to save a checkpoint before they are killed
 
 
 def _die_with_parent():  # runs in the child between fork and exec
@@ -61,6 +66,7 @@ class Supervisor(threading.Thread):
                     break
                 self._launch(job)
             self.stopping.wait(self.poll)
+        self._drain()  # in this thread: its workers' PR_SET_PDEATHSIG fires when it ends
 
     def _launch(self, job: dict) -> None:
         folder = self.store.job_dir(job["id"])
@@ -78,7 +84,9 @@ class Supervisor(threading.Thread):
         except Exception as e:  # a job that cannot even start fails alone
             self.store.update_job(job["id"], state="failed", finished=time.time(), error=f"could not start: {type(e).__name__}")
 
-    def _reap(self) -> None:
+    def _reap(self, stopped: bool = False) -> None:
+        """Record how each finished worker ended; ``stopped``: the server stopped them, so a job that did not
+        succeed is queued to resume from the checkpoint it saved (or marked interrupted without one)."""
         for job_id, proc in list(self.running.items()):
             rc = proc.poll()
             if rc is None:
@@ -90,8 +98,28 @@ class Supervisor(threading.Thread):
             elif rc == 0:
                 _write_bundle(self.store, job)
                 self.store.update_job(job_id, state="succeeded", finished=time.time(), error=None)
+            elif stopped and resumable(self.store, job):
+                self.store.update_job(job_id, state="queued", resume=1,
+                                      note="stopped with the server; resumes from the checkpoint it saved then")
+            elif stopped:
+                self.store.update_job(job_id, state="interrupted", finished=time.time(),
+                                      error="the server stopped before the job wrote a checkpoint; submit it again")
             else:
                 self.store.update_job(job_id, state="failed", finished=time.time(), error=_last_error(self.store, job_id, rc))
+
+    def _drain(self) -> None:
+        """Ask each running job to save a checkpoint and stop (SIGINT), wait ``STOP_TIMEOUT_S`` at most, record them."""
+        for proc in self.running.values():
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGINT)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self.running.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self._reap(stopped=True)
 
     def cancel(self, job_id: str) -> str:
         """Queued: cancelled at once. Running: SIGINT (the job saves and stops), SIGKILL after 30 s."""
@@ -107,15 +135,25 @@ class Supervisor(threading.Thread):
         return self.store.job(job_id)["state"]
 
     def stop(self) -> None:
+        """Stop taking jobs; each running job saves a checkpoint and stops, to resume on the next start.
+
+        Returns once the workers have ended (``STOP_TIMEOUT_S`` at most, then they are killed).
+
+        Example:
+            >>> supervisor.stop()   # doctest: +SKIP
+        """
         self.stopping.set()
-        for proc in self.running.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-        for proc in self.running.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if self.is_alive():
+            self.join(STOP_TIMEOUT_S + 30)
+        else:  # never started: nothing runs
+            self._drain()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 def _last_error(store, job_id: str, rc: int) -> str:
