@@ -89,7 +89,7 @@ def test_audit_refuses_mismatched_sizes(real):
 
 
 @pytest.mark.real_data
-def test_export_student_handoff_package(tmp_path, capsys):
+def test_export_student_handoff_package(tmp_path, capsys, monkeypatch):
     """export student writes a loadable package whose card accuracy and teacher agreement match an independent evaluation."""
     from datafree.config import resolve_distill_config
     from datafree.distill import run_distill
@@ -119,7 +119,7 @@ def test_export_student_handoff_package(tmp_path, capsys):
     assert card["accuracy"]["test_accuracy"] == pytest.approx(percent(predicted == test.labels), abs=0.01)
     assert card["accuracy"]["teacher_agreement"] == pytest.approx(percent(predicted == taught), abs=0.01)
     assert card["latency_ms"]["batch_1"] > 0 and card["latency_ms"]["batch_64"] > 0
-    assert card["int8"]["size_bytes"] < card["int8"]["float_size_bytes"]
+    _check_int8(card["int8"], out, test, program, taught)
     assert "MODEL_CARD" not in card["load"] and "torch.export.load" in (out / "MODEL_CARD.md").read_text()
     images = torch.rand(3, 1, 28, 28)
     scope = {"images": images}
@@ -127,3 +127,55 @@ def test_export_student_handoff_package(tmp_path, capsys):
     assert scope["probabilities"].shape == (3, 10)
     assert main(["export", "student", str(tmp_path / "run"), "--out", str(out)]) == 2  # nothing overwritten
     assert "not empty" in capsys.readouterr().err
+
+    # a quantisation that fails is an error that names it, before anything is written: never a missing file
+    import datafree.handoff
+
+    def broken_prepare(*args):
+        raise RuntimeError("no quantiser for this op")
+
+    monkeypatch.setattr(datafree.handoff, "_import_pt2e", lambda: (broken_prepare, None, None))
+    assert main(["export", "student", str(tmp_path / "run"), "--out", str(tmp_path / "failed"), "--int8"]) == 2
+    assert "int8 quantisation of the lenet5_half student failed (RuntimeError: no quantiser" in capsys.readouterr().err
+    assert not (tmp_path / "failed").exists() or not any((tmp_path / "failed").iterdir())
+
+
+def _check_int8(q: dict, out, test, float_program, taught):
+    """The int8 entry of the card, re-measured on the written files: a static int8 .pt2 of convolutions and linears."""
+    from datafree.teacher import load_model
+
+    assert q["file"] == "student_int8.pt2" and not list(out.glob("*.ts"))
+    # the card's snippet runs as written, and the program calls only aten ops and the quantize/dequantize ops that
+    # torch itself defines (torch.ao.quantization.fx._decomposed): plain torch loads it, no torchao or datafree needed
+    scope = {"images": torch.rand(3, 1, 28, 28)}
+    exec(q["load"].replace("student_int8.pt2", str(out / "student_int8.pt2")), scope)
+    assert scope["probabilities"].shape == (3, 10)
+    program = torch.export.load(str(out / "student_int8.pt2"))
+    calls = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {c.split(".")[0] for c in calls} == {"aten", "quantized_decomposed"}
+    assert "quantized_decomposed.dequantize_per_channel.default" in calls
+    held = list(program.state_dict.values()) + list(program.constants.values())
+    # every convolution and linear weight is an int8 tensor, and no float copy of them travels along
+    student = load_model(out / "student.safetensors")[0]
+    weights = {tuple(m.weight.shape) for m in student.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in student.modules()) == q["quantised_layers"]["conv"] == 3
+    assert {tuple(t.shape) for t in held if t.dtype == torch.int8} == weights
+    assert not {tuple(t.shape) for t in held if t.is_floating_point()} & weights
+    # sizes: bytes of all held tensors (scales and zero points included), and the files on disk
+    nbytes = lambda p: sum(t.numel() * t.element_size() for t in list(p.state_dict.values()) + list(p.constants.values()))
+    float_bytes = nbytes(torch.export.load(str(out / "student.pt2")))
+    assert (q["size_bytes"], q["float_size_bytes"]) == (nbytes(program), float_bytes)
+    assert float_bytes / nbytes(program) >= 3.5
+    assert (q["file_bytes"], q["float_file_bytes"]) == ((out / "student_int8.pt2").stat().st_size, (out / "student.pt2").stat().st_size)
+    # accuracy and teacher agreement of the written int8 program, beside the float one's
+    pixels = test.spec.denormalize(test.images)
+    with torch.no_grad():
+        predicted = torch.cat([program.module()(x) for x in pixels.split(2000)]).argmax(1)
+        float_predicted = torch.cat([float_program(x) for x in pixels.split(2000)]).argmax(1)
+    percent = lambda hits: hits.float().mean().item() * 100
+    assert q["accuracy"]["test_accuracy"] == pytest.approx(percent(predicted == test.labels), abs=0.01)
+    assert q["accuracy"]["teacher_agreement"] == pytest.approx(percent(predicted == taught), abs=0.01)
+    assert q["float_accuracy"]["test_accuracy"] == pytest.approx(percent(float_predicted == test.labels), abs=0.01)
+    assert q["agreement_with_float"]["test"] == pytest.approx(percent(predicted == float_predicted), abs=0.01)
+    assert q["agreement_with_float"]["test"] > 95 and abs(q["accuracy_drop"]) < 2
+    assert min(q["latency_ms"].values()) > 0 and min(q["float_latency_ms"].values()) > 0
