@@ -129,10 +129,16 @@ class JobEvents:
     last record's plus one.
 
     Example:
+        >>> import tempfile
+        >>> from datafree.service.store import Store
+        >>> store = Store(tempfile.mkdtemp())
+        >>> job = store.create_job("distill", {})
         >>> events = JobEvents(store)
-        >>> event_id, text, state = events.observe(job_id)   # doctest: +SKIP
-        >>> events.observe(job_id)[0] == event_id             # nothing changed: same id   # doctest: +SKIP
-        True
+        >>> event_id, text, state = events.observe(job["id"])
+        >>> event_id, state
+        (1, 'queued')
+        >>> events.observe(job["id"])[0]   # nothing changed: the same id
+        1
     """
 
     def __init__(self, store):
