@@ -220,7 +220,9 @@ def save_model(model: Classifier, path, arch: str, spec: InputSpec, arch_kwargs:
     """Write ``path`` (.safetensors) and its card (.json beside it); return the card.
 
     Example:
-        >>> save_model(create_model("lenet5"), "t.safetensors", "lenet5", dataset_spec("mnist"), dataset="mnist")["arch"]
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
+        >>> save_model(create_model("lenet5"), path, "lenet5", dataset_spec("mnist"), dataset="mnist")["arch"]
         'lenet5'
     """
     path = Path(path)

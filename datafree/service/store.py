@@ -8,7 +8,8 @@ teachers and each job's folder. One server per store, enforced with an exclusive
       jobs/<id>/           request.json, log.txt, progress.json, run/ (the command's output folder)
 
 Example:
-    >>> store = Store("service-store")          # creates it; raises UserError if another server holds it
+    >>> import tempfile
+    >>> store = Store(Path(tempfile.mkdtemp()) / "store")   # creates it; raises UserError if another server holds it
     >>> job = store.create_job("distill", {"teacher": "t1", "steps": 100})
     >>> store.job(job["id"])["state"]
     'queued'
