@@ -136,15 +136,20 @@ def cmd_teacher_export(args) -> int:
     return 0
 
 
+DISTILL_FLAGS = ["teacher", "teacher_input_spec", "student", "student_kwargs", "preset", "steps", "time_budget", "out", "seed",
+                 "generator", "batch_size", "student_steps", "schedule", "student_share", "pool_size", "lr_student",
+                 "lr_generator", "kd_temperature", "student_loss", "augment", "mixup", "checkpoint_every", "eval_every",
+                 "eval_data", "accelerator", "devices", "num_nodes", "strategy"]
+CONDENSE_FLAGS = ["source", "ipc", "method", "steps", "time_budget", "init", "real_per_class", "net_width", "outer_loop",
+                  "inner_loop", "soft_labels", "resume", "seed", "evaluate", "epochs", "test", "devices", "num_nodes", "strategy",
+                  "out", "overwrite"]
+
+
 def cmd_distill(args) -> int:
     from datafree.config import load_yaml, resolve_distill_config
     from datafree.distill import run_distill
 
-    overrides = {k: getattr(args, k) for k in ("teacher", "student", "preset", "steps", "time_budget", "out", "seed",
-                                               "batch_size", "student_steps", "pool_size", "eval_data", "data_dir",
-                                               "checkpoint_every", "eval_every", "accelerator", "devices", "num_nodes",
-                                               "strategy", "generator", "teacher_input_spec", "student_kwargs", "schedule",
-                                               "student_share")}
+    overrides = {k: getattr(args, k) for k in (*DISTILL_FLAGS, "data_dir")}
     config_path = args.config
     if args.resume:
         stored = Path(args.out or "runs/distill") / "config.yaml"
@@ -321,7 +326,9 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, NO_BN_PRESET, PRESETS, DistillConfig
+    from datafree.condense_job import CondenseJob
+    from datafree.config import NO_BN_PRESET, PRESETS, DistillConfig
+    from datafree.flags import add_config_flags
 
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,65 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student from a teacher alone (no real data)",
                        description="Synthesise a transfer set with a generator trained against the teacher and distil a "
                                    "student on it. With no arguments: the shipped MNIST teacher into lenet5_half.")
-    p.add_argument("--teacher", help=f"teacher file (default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)})")
-    p.add_argument("--input-spec", dest="teacher_input_spec", help="the teacher's input, CxHxW[:mean:std], when its file does not say")
-    p.add_argument("--student", help="zoo architecture, or a .safetensors + card to start from (default lenet5_half)")
-    p.add_argument("--student-kwargs", type=json.loads, help='JSON settings of the student arch, e.g. \'{"width": 32}\'')
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help=f"default: {DistillConfig.preset} for a teacher with BN statistics, {NO_BN_PRESET} for one without")
-    p.add_argument("--config", help="YAML file of config fields")
-    p.add_argument("--steps", type=int, help="synthesis rounds")
-    p.add_argument("--time-budget", help="wall-clock limit, e.g. 10m; the best checkpoint so far is kept")
-    p.add_argument("--out", help="run folder (default runs/distill)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--generator", help="dcgan, conditional, pixels (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="synthetic images per generator step")
-    p.add_argument("--student-steps", type=int, help="student updates per round (the least, under --schedule auto)")
-    p.add_argument("--schedule", choices=["auto", "fixed"],
-                   help="fixed (default): student steps per round as the preset says; auto: fitted to the measured cost of the teacher")
-    p.add_argument("--student-share", type=float, help="auto schedule: fraction of each round's time for student steps (default 0.5)")
-    p.add_argument("--pool-size", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-data", help="real test set for the report only (default: the teacher card's data set, if present)")
+    add_config_flags(p, DistillConfig, DISTILL_FLAGS, preset=(DistillConfig.preset, PRESETS[DistillConfig.preset]),
+                     flag_names={"teacher_input_spec": "input-spec"},
+                     notes={"teacher": f"default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)}",
+                            "preset": f"default: {DistillConfig.preset} for a teacher with BN statistics, {NO_BN_PRESET} for one without"})
+    p.add_argument("--config", help="YAML file of config fields (any field of the distill config; flags override it)")
     p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
     _add_data_options(p)
-    p.add_argument("--accelerator", help="passed to Lightning: cpu, gpu, auto")
-    p.add_argument("--devices", type=int, help="passed to Lightning")
-    p.add_argument("--num-nodes", type=int, help="passed to Lightning")
-    p.add_argument("--strategy", help="passed to Lightning, e.g. ddp")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("condense", help="condense a data set (or a distill run's transfer set) to a few images per class")
-    p.add_argument("--source", default="mnist", help="data set name, folder, .npz, or a distill run folder (data-free)")
-    p.add_argument("--ipc", type=int, default=10, help="images per class")
-    p.add_argument("--method", default=DEFAULT_CONDENSE_METHOD, choices=CONDENSE_METHODS,
-                   help=f"matching (dc, dsa, dm) or selection (random, herding, kcenter); default {DEFAULT_CONDENSE_METHOD}, "
-                   "chosen on a validation split (BENCHMARKS.md)")
-    p.add_argument("--steps", type=int, default=1000, help="outer iterations (each with a fresh network)")
-    p.add_argument("--time-budget", help="stop after this long, e.g. 15m (the progress bar then counts the budget)")
-    p.add_argument("--init", default="real", choices=["real", "noise", "kmeans"],
-                   help="start from random real images of each class (default), noise, or k-means centres")
-    p.add_argument("--real-per-class", type=int, help="real images per class per matching step (default 128)")
-    p.add_argument("--net-width", type=int, help="width of the matching ConvNet (default 64, chosen on a validation split; published 128)")
-    p.add_argument("--outer-loop", type=int, help="matching steps per fresh network (default by ipc)")
-    p.add_argument("--inner-loop", type=int, help="network updates between matching steps (default by ipc)")
-    p.add_argument("--soft-labels", action="store_true", help="data-free mode: keep the teacher's soft labels with the images")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same flags)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--evaluate", type=int, default=0, help="train N fresh models with the fixed protocol and record the result")
-    p.add_argument("--epochs", type=int, default=300, help="epochs of the evaluation protocol")
-    p.add_argument("--test", help="real test set for --evaluate (default: the source's)")
-    p.add_argument("--devices", type=int, default=1, help="processes per machine; the classes are split across them (Lightning Fabric)")
-    p.add_argument("--num-nodes", type=int, default=1, help="machines (Lightning Fabric; set MASTER_ADDR, NODE_RANK as Lightning documents)")
-    p.add_argument("--strategy", help="Lightning strategy for --devices/--num-nodes (default ddp; gloo on CPUs)")
+    add_config_flags(p, CondenseJob, CONDENSE_FLAGS, required=("out",))
     _add_data_options(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_condense)
 
     p = sub.add_parser("evaluate-set", help="train fresh models on a condensed set (or any image folder) with a named protocol")

@@ -55,7 +55,7 @@ class CondenseJob:
     out: str = describe("the output folder", "runs/condense")
     ipc: int = describe("images per class", 10, ge=1)
     method: Literal[CONDENSE_METHODS] = describe(  # type: ignore[valid-type]
-        "matching (dc, dsa, dm) or selection (random, herding, kcenter); the default was chosen on a validation split",
+        "matching (dc, dsa, dm) or selection (random, herding, kcenter); dm was chosen on a validation split (BENCHMARKS.md)",
         DEFAULT_CONDENSE_METHOD)
     steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")

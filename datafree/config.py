@@ -55,7 +55,7 @@ class DistillConfig:
     student: str = describe("student architecture from the zoo, or a .safetensors file to start from", "lenet5_half")
     student_kwargs: dict = describe("keyword arguments of the student architecture, e.g. {width: 32}", default_factory=dict)
     preset: Literal[PRESET_NAMES] = describe(  # type: ignore[valid-type]
-        "the method's defaults: dfq for a teacher with BN statistics, the no-BN preset for one without (BENCHMARKS.md)", "dfq")
+        "the method's settings, each preset citing its paper (config.PRESETS); chosen per kind of teacher in BENCHMARKS.md", "dfq")
     preset_note: str = describe("why the preset was chosen automatically (printed at the start of a run)", "")
     out: str = describe("the run folder", "runs/distill")
     seed: int = describe("seed of every random draw (same seed, same run)", 0)

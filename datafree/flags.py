@@ -29,13 +29,14 @@ def _plain(annotation) -> tuple[type | None, tuple | None]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, names: list[str], preset: tuple[str, dict] | None = None,
-                     flag_names: dict | None = None) -> None:
+                     flag_names: dict | None = None, notes: dict | None = None, required: tuple[str, ...] = ()) -> None:
     """Add ``--field-name`` for each of ``names`` (fields of the pydantic dataclass ``cls``).
 
     Every flag defaults to ``None`` (not given: the preset, the YAML file or the field's default
     decides); its help is the field's sentence, then its default: the ``preset``'s value (``(name,
     values)``) where the preset sets the field, else the field's own. Booleans get ``--x/--no-x``;
-    mappings read JSON; ``Literal`` fields list their choices.
+    mappings read JSON; ``Literal`` fields list their choices. ``notes`` add a sentence to a flag's
+    help; ``required`` flags must be given.
     """
     fields = cls.__pydantic_fields__
     preset_name, preset_values = preset or ("", {})
@@ -45,17 +46,20 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names: list[str], pre
         by_preset = name in preset_values
         default = preset_values[name] if by_preset else info.get_default(call_default_factory=True)
         text = info.description or ""
-        if default not in (None, "", {}) and "default" not in text:
+        if default not in (None, "", {}, False) and "default" not in text and name not in required:
             shown = json.dumps(default) if isinstance(default, dict) else default
             text += f" (default with the {preset_name} preset: {shown})" if by_preset else f" (default: {shown})"
+        text += f" ({notes[name]})" if notes and name in notes else ""
         flag = "--" + (flag_names or {}).get(name, name.replace("_", "-"))
-        if kind is bool:
+        if kind is bool and default is False and not by_preset:  # a switch
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind is dict:
             parser.add_argument(flag, dest=name, type=_json_mapping, default=None, metavar="JSON", help=text)
         else:
             parser.add_argument(flag, dest=name, type=kind if kind in (int, float) else str, choices=choices, default=None,
-                                help=text)
+                                help=text, required=name in required)
 
 
 def _json_mapping(text: str) -> dict:

@@ -55,3 +55,44 @@ def test_condense_job_checks():
         job_from_dict({"method": "magic"})
     with pytest.raises(UserError, match="config field 'real_per_class' must be at least 1, got 0"):
         job_from_dict({"real_per_class": 0})
+
+
+def test_openapi_lists_every_distill_and_condense_field(tmp_path):
+    from datafree.service.app import create_app
+    from datafree.service.jobs import CLIENT_BLOCKED, CONDENSE_SERVER_FIELDS
+    from datafree.service.store import Store
+
+    app = create_app(Store(tmp_path / "store"), start_workers=False)
+    schema = app.openapi()  # what GET /openapi.json serves (behind the token)
+    configs = {c["title"]: c for c in schema["components"]["schemas"]["JobRequest"]["properties"]["config"]["oneOf"]}
+    for kind, cls, hidden in (("distill", DistillConfig, CLIENT_BLOCKED | {"preset_note"}), ("condense", CondenseJob, CONDENSE_SERVER_FIELDS)):
+        properties = configs[f"{kind} config"]["properties"]
+        assert set(properties) == {f.name for f in dataclasses.fields(cls)} - hidden
+        for name, spec in properties.items():
+            assert spec.get("description"), (kind, name)
+            assert "type" in spec or "anyOf" in spec or "enum" in spec, (kind, name)
+    steps = configs["distill config"]["properties"]["steps"]
+    assert (steps["type"], steps["default"], steps["minimum"]) == ("integer", 1000, 1)
+    assert configs["condense config"]["properties"]["method"]["enum"] == list(CONDENSE_METHODS)
+
+
+@pytest.mark.parametrize("config, flags", [({"steps": 0}, ["--steps", "0"]), ({"schedule": "fast"}, ["--schedule", "fast"]),
+                                           ({"time_budget": "soon"}, ["--time-budget", "soon"])])
+def test_a_wrong_distill_field_reads_the_same_over_http_and_on_the_command_line(tmp_path, capsys, config, flags):
+    from datafree.cli import main
+    from datafree.service.jobs import validate_job
+
+    class OneTeacher:  # a store holding one uploaded teacher
+        def teacher(self, teacher_id):
+            return {"id": teacher_id}
+
+    with pytest.raises(UserError) as over_http:
+        validate_job(OneTeacher(), "distill", {"teacher": "t1", **config})
+    try:
+        code = main(["distill", *flags, "--out", str(tmp_path / "x"), "--no-eval"])
+    except SystemExit as stop:  # argparse refuses a choice before the config does, in its own words
+        code = stop.code
+        assert "invalid choice: 'fast'" in capsys.readouterr().err and "unknown schedule 'fast'" in str(over_http.value)
+    else:
+        assert capsys.readouterr().err.strip().endswith(str(over_http.value))
+    assert code == 2 and not (tmp_path / "x").exists()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from datafree.errors import UserError
 from datafree.service.jobs import validate_job
@@ -44,7 +44,21 @@ KEEPALIVE_S = float(os.environ.get("DATAFREE_SSE_KEEPALIVE", "15"))
 FINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 
 
+def _document_configs(schema: dict) -> None:
+    """``/openapi.json`` lists every field of each kind's config (the server checks them itself, in one sentence)."""
+    from datafree.service.jobs import KINDS, config_schemas
+
+    schemas = config_schemas()
+    schema["properties"]["kind"]["enum"] = list(KINDS)
+    schema["properties"]["config"] = {
+        "description": "the job's config; its fields depend on the kind", "default": {},
+        "oneOf": [dict(schemas[kind], title=f"{kind} config") for kind in KINDS]}
+
+
 class JobRequest(BaseModel):
+    """A job: its kind and the config of that kind."""
+
+    model_config = ConfigDict(json_schema_extra=_document_configs)
     kind: str
     config: dict = {}
 

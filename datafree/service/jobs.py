@@ -43,6 +43,39 @@ def condense_fields() -> list[str]:
     return [name for name in JOB_FIELDS if name not in CONDENSE_SERVER_FIELDS]
 
 
+def config_schemas() -> dict:
+    """JSON schema of each job kind's config (field, type, default, sentence), for ``/openapi.json``.
+
+    Example:
+        >>> schemas = config_schemas()
+        >>> schemas["condense"]["properties"]["ipc"]["default"], schemas["distill"]["properties"]["steps"]["type"]
+        (10, 'integer')
+    """
+    from pydantic import TypeAdapter
+
+    from datafree.condense_job import CondenseJob
+    from datafree.config import DistillConfig
+
+    def typed(cls, hidden, overrides):
+        schema = TypeAdapter(cls).json_schema()
+        schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in hidden} | overrides
+        schema.pop("title", None)
+        return schema
+
+    words = {str: "string", int: "integer", bool: "boolean"}
+    plain = lambda fields, required=(): {"type": "object", "additionalProperties": False, "required": list(required),  # noqa: E731
+                                         "properties": {k: {"type": words[t]} for k, t in fields.items()}}
+    return {
+        "distill": typed(DistillConfig, CLIENT_BLOCKED | {"preset_note"},
+                         {"teacher": {"type": "string", "description": "id of an uploaded teacher (GET /v1/teachers)"}}),
+        "condense": typed(CondenseJob, CONDENSE_SERVER_FIELDS,
+                          {"source": {"type": "string", "default": "mnist",
+                                      "description": "a data set name, or job:ID of a finished distill job (data-free)"}}),
+        "evaluate": plain(EVALUATE_FIELDS, ("job",)), "audit": plain(AUDIT_FIELDS, ("job",)),
+        "export": plain(EXPORT_FIELDS, ("job",)),
+    }
+
+
 def _kinds(want) -> tuple:
     """``int | None`` -> ``(int,)``; ``str`` -> ``(str,)``."""
     import typing
