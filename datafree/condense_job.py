@@ -277,7 +277,10 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
         if test_name:  # real data only after condensation, for the report
             test = load_dataset(test_name, train=False, data_dir=job.data_dir, download=job.download)
             condensed = ImageSet(result.images, result.labels, source.spec, name=test.name)
-            manifest["evaluation"] = evaluate_set(condensed, test, models=job.evaluate, epochs=job.epochs, progress=job.progress)
+            from datafree.progress import ProgressFile
+
+            manifest["evaluation"] = evaluate_set(condensed, test, models=job.evaluate, epochs=job.epochs, progress=job.progress,
+                                                  report=ProgressFile(after="evaluate"))
     save_image_set(out, result.images, result.labels, source.spec, manifest, soft, init_source=starts)
     write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
     write_report(out)

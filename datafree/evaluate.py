@@ -50,12 +50,13 @@ class DSATransform(nn.Module):
 
 
 def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models: int | None = None, epochs: int | None = None,
-                 seed: int = 0, progress: bool = False, protocol: str = "fixed") -> dict:
+                 seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None) -> dict:
     """Train ``models`` fresh networks on ``train`` with a named protocol (:data:`PROTOCOLS`); accuracy on ``test``.
 
     ``models`` and ``epochs`` default to the protocol's. Returns ``{"mean", "std", "accuracies",
     "protocol"}`` (percent; std over the models, sample). With ``progress``, one bar (with ETA)
-    counts the epochs of all models; the service's progress file follows it either way.
+    counts the epochs of all models; the service's progress file follows it either way (``report``:
+    a :class:`~datafree.progress.ProgressFile` to write to instead of the default one).
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -70,7 +71,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     kwargs = PROTOCOL["arch_kwargs"] if arch == "convnet" else {}
     accuracies = []
     bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
-    report = ProgressFile()
+    report = report or ProgressFile()
 
     def epoch_done(i, done):
         bar.update(i * epochs + done - bar.n)

@@ -17,8 +17,11 @@ ENV = "DATAFREE_PROGRESS_FILE"
 class ProgressFile:
     """Writes ``{"fraction", "done", "total", "eta_s", "elapsed_s", "metrics", "updated"}`` atomically, at most every ``every`` s."""
 
-    def __init__(self, path: str | None = None, every: float = 1.0):
-        self.path = path or os.environ.get(ENV)
+    def __init__(self, path: str | None = None, every: float = 1.0, after: str | None = None):
+        """``after``: the name of a stage that runs once the job's budgeted work is done (e.g. an
+        evaluation after a condensation): the job's fraction stays at 1 and this stage's own
+        fraction goes to the metrics as ``<after>_fraction``, so the service's progress never goes back."""
+        self.path, self.after = path or os.environ.get(ENV), after
         self.every, self.started, self.last = every, time.monotonic(), 0.0
         self.first_fraction = None
 
@@ -26,6 +29,9 @@ class ProgressFile:
                force: bool = False) -> None:
         if not self.path:
             return
+        if self.after:
+            metrics = {**(metrics or {}), f"{self.after}_fraction": round(fraction, 4), "stage": self.after}
+            fraction = 1.0
         now = time.monotonic()
         if self.first_fraction is None:
             self.first_fraction = fraction

@@ -626,3 +626,13 @@ def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
     assert result["protocol"]["name"] == "published" and result["protocol"]["models"] == 20
     with pytest.raises(UserError, match="unknown evaluation protocol 'quick'"):
         evaluate.evaluate_set(tiny_mnist, tiny_mnist, protocol="quick")
+
+
+def test_an_evaluation_after_the_budget_does_not_move_the_progress_back(tmp_path):
+    from datafree.progress import ProgressFile
+
+    path = tmp_path / "progress.json"
+    ProgressFile(str(path), every=0).update(1.0, 50, 50)  # the condensation has used its budget
+    ProgressFile(str(path), every=0, after="evaluate").update(0.3, 3, 10)
+    written = json.loads(path.read_text())
+    assert written["fraction"] == 1.0 and written["metrics"] == {"evaluate_fraction": 0.3, "stage": "evaluate"}
