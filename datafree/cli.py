@@ -310,7 +310,8 @@ def cmd_export_student(args) -> int:
     run = Path(args.run)
     teacher = teacher_of_run(run)[0] if (run / "config.yaml").is_file() and (run / "manifest.json").is_file() else None
     test = load_dataset(args.test, train=False, data_dir=args.data_dir) if args.test else None
-    card = export_student(run, args.out, test=test, teacher=teacher, int8=args.int8, overwrite=args.overwrite)
+    card = export_student(run, args.out, test=test, teacher=teacher, int8=args.int8, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     print(json.dumps({"out": args.out, "accuracy": card["accuracy"], "latency_ms": card["latency_ms"],
                       "int8": {k: card["int8"][k] for k in ("size_bytes", "accuracy")} if "int8" in card else None}))
     return 0
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--test", help="real test set for the card's accuracy (default: the figures the run recorded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--int8", action="store_true", help="also post-training int8 quantisation, with its size and accuracy")
     _add_data_options(p)
     p.add_argument("--overwrite", action="store_true")

@@ -33,6 +33,7 @@ import torch
 from datafree.data import ImageSet, InputSpec
 from datafree.errors import UserError
 from datafree.io import write_json, write_text
+from datafree.progress import Stages
 
 LOAD_SNIPPET = '''import torch
 model = torch.export.load("student.pt2").module()      # plain torch, no datafree needed
@@ -164,13 +165,15 @@ def _accuracy_and_agreement(model, test: ImageSet | None, teacher_logits: torch.
     return result
 
 
-def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: bool = False, overwrite: bool = False) -> dict:
+def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: bool = False, overwrite: bool = False,
+                   progress: bool = False) -> dict:
     """Write the handoff package of the distill run folder ``run`` into ``out``; return the model card.
 
     ``test`` (real test data, for the card only) and ``teacher`` (for agreement) are optional; the
     run's own recorded figures are used when they are missing. ``int8=True`` adds
     ``student_int8.pt2``, quantised with :func:`quantize_int8` on the run's transfer set (never on
-    ``test``); it is done before anything is written, and a failure raises ``UserError``.
+    ``test``); it is done before anything is written, and a failure raises ``UserError``. With
+    ``progress``, a bar counts the stages (the service's progress file follows them either way).
 
     Example:
         >>> card = export_student("runs/distill", "handoff", int8=True)   # doctest: +SKIP
@@ -194,10 +197,15 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         raise UserError(f"the student takes {spec.describe()} images but {test.name} is {test.spec.describe()}")
     if test is not None:
         test = ImageSet(spec.normalize(test.spec.denormalize(test.images)), test.labels, spec, name=test.name)
+    stages = Stages((["int8 quantisation"] if int8 else []) + ["program", "accuracy", "latency"] + (["int8 checks"] if int8 else []),
+                    "export", progress)
     quantized = _quantize_run(model, spec, run, card.get("arch")) if int8 else None  # before writing: no half package
+    if int8:
+        stages.next()
     for name in ("student.safetensors", "student.json"):
         shutil.copyfile(run / name, out / name)
     export_program(model, spec, out / "student.pt2", card)
+    stages.next()
     shape = (spec.channels, spec.size, spec.size)
     teacher_logits = None
     if test is not None and teacher is not None:  # once, for the float and the int8 model
@@ -205,6 +213,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
 
         teacher_logits = predict(teacher, teacher.spec.normalize(test.spec.denormalize(test.images)))
     measured = _accuracy_and_agreement(model, test, teacher_logits)
+    stages.next()
     pixel_model = PixelModel(model, spec).eval()
     model_card = {
         "schema": "datafree-model-card/1", "architecture": card["arch"], "arch_kwargs": card.get("arch_kwargs", {}),
@@ -222,8 +231,11 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         "audit": _audit_summary(run), "sha256": card.get("sha256"),
         "load": LOAD_SNIPPET.format(shape=spec.describe()),
     }
+    stages.next()
     if int8:
         model_card["int8"] = _int8_variant(quantized, spec, out, run, test, teacher_logits, card)
+        stages.next()
+    stages.close()
     write_json(out / "model_card.json", model_card)
     write_text(out / "MODEL_CARD.md", render_card(model_card))
     return model_card

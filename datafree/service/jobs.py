@@ -221,7 +221,7 @@ def command_for(store, job: dict, resume: bool = False) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         argv += ["audit", str(_run_of(store, config["job"])), "--out", str(out / "audit.json"), "--no-progress"]
         return argv + (["--real", config["real"]] if config.get("real") else [])
-    argv += ["export", "student", str(_run_of(store, config["job"])), "--out", str(out)]
+    argv += ["export", "student", str(_run_of(store, config["job"])), "--out", str(out), "--no-progress"]
     if config.get("int8"):
         argv.append("--int8")
     return argv + (["--test", config["test"]] if config.get("test") else [])
