@@ -148,19 +148,21 @@ CONDENSE_FLAGS = ["source", "ipc", "method", "steps", "time_budget", "init", "re
 def cmd_distill(args) -> int:
     from datafree.config import load_yaml, resolve_distill_config
     from datafree.distill import run_distill
+    from datafree.flags import given
 
-    overrides = {k: getattr(args, k) for k in (*DISTILL_FLAGS, "data_dir")}
+    overrides = given(args, [*DISTILL_FLAGS, "data_dir"])
     config_path = args.config
     if args.resume:
         stored = Path(args.out or "runs/distill") / "config.yaml"
         if not stored.is_file():
             raise UserError(f"nothing to resume: no run folder config at {str(stored)!r}")
         config_path = stored
-        overrides = {k: overrides[k] for k in ("steps", "time_budget", "accelerator", "devices", "num_nodes", "strategy")}
+        overrides = {k: v for k, v in overrides.items() if k in ("steps", "time_budget", "accelerator", "devices", "num_nodes", "strategy")}
     elif not args.teacher and not (config_path and load_yaml(config_path).get("teacher")):
         overrides["teacher"] = str(DEFAULT_TEACHER)
     if not args.resume and args.eval_data is None and not args.no_eval:
-        overrides["eval_data"] = _card_dataset(overrides.get("teacher"))
+        teacher = overrides.get("teacher") or (load_yaml(config_path).get("teacher") if config_path else None)
+        overrides["eval_data"] = _card_dataset(teacher[0] if isinstance(teacher, list) else teacher)
     cfg = resolve_distill_config(args.preset, config_path, overrides)
     summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if summary:

@@ -117,19 +117,22 @@ def dataset_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 
 def teacher_of_run(run_dir: Path):
-    """The teacher a distill run used, checked against the hash its transfer set recorded."""
+    """The teacher (or ensemble) a distill run used, each file checked against the hash the run recorded."""
     from datafree.config import load_yaml
+    from datafree.ensemble import load_teachers, teacher_list
     from datafree.io import sha256_file
-    from datafree.teacher import load_teacher
 
     run_dir = Path(run_dir)
     cfg = load_yaml(run_dir / "config.yaml")
-    path, expected = cfg.get("teacher"), json.loads((run_dir / "manifest.json").read_text()).get("teacher_sha256")
-    if not path or not Path(path).is_file():
-        raise UserError(f"the run's teacher {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
-    if expected and sha256_file(path) != expected:
-        raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
-    return load_teacher(path, input_spec=cfg.get("teacher_input_spec")), expected
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    paths = teacher_list(cfg.get("teacher") or "")
+    recorded = [t.get("sha256") for t in manifest.get("teachers", [])] or [manifest.get("teacher_sha256")]
+    for path, expected in zip(paths, recorded):
+        if not path or not Path(path).is_file():
+            raise UserError(f"the run's teacher {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
+        if expected and sha256_file(path) != expected:
+            raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
+    return load_teachers(cfg.get("teacher"), input_spec=cfg.get("teacher_input_spec")), manifest.get("teacher_sha256")
 
 
 def load_source(job: CondenseJob):

@@ -50,7 +50,8 @@ class DistillConfig:
         pydantic_core._pydantic_core.ValidationError: 1 validation error for DistillConfig...
     """
 
-    teacher: str = describe("the teacher file: .safetensors with its .json card, .pt2, or TorchScript", "")
+    teacher: str | list[str] = describe("the teacher file: .safetensors with its .json card, .pt2, or TorchScript; "
+                                        "several files make an ensemble whose averaged soft targets the student learns", "")
     teacher_input_spec: str | None = describe("CxHxW[:mean:std] of a teacher file that does not say, e.g. 1x28x28:0.1307:0.3081")
     student: str = describe("student architecture from the zoo, or a .safetensors file to start from", "lenet5_half")
     student_kwargs: dict = describe("keyword arguments of the student architecture, e.g. {width: 32}", default_factory=dict)
@@ -87,6 +88,8 @@ class DistillConfig:
     student_batch: int = describe("pool samples per student step", 256, ge=1)
     kd_temperature: float = describe("temperature of the student's KD loss", 4.0, gt=0)
     kd_alpha: float = describe("weight of cross-entropy on the teacher's argmax beside KD", 0.0, ge=0)
+    knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets) and rkd "
+                               "(relational KD), e.g. {rkd: 1.0}; needs the teacher's features", default_factory=dict)
     student_loss: Literal[STUDENT_LOSSES] = describe("the student's loss on teacher logits: kl, or l1 as DFAD", "kl")  # type: ignore[valid-type]
     augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)
     mixup: float = describe("probability of mixing two pool samples in a student batch", 0.0, ge=0, le=1)
@@ -214,7 +217,7 @@ def resolve_distill_config(preset: str | None = None, yaml_path=None, overrides:
     return build_config(DistillConfig, values)
 
 
-def default_preset(teacher_path: str | None, input_spec: str | None = None) -> tuple[str, str]:
+def default_preset(teacher_path: str | list[str] | None, input_spec: str | None = None) -> tuple[str, str]:
     """The preset for a teacher when none is named: ``dfq`` when its BN statistics can be read,
     ``NO_BN_PRESET`` otherwise (with the one-line note a run prints). A teacher file that cannot be
     loaded gets ``dfq`` here; the run itself then reports what is wrong with the file.
@@ -225,10 +228,10 @@ def default_preset(teacher_path: str | None, input_spec: str | None = None) -> t
     """
     if not teacher_path:
         return DistillConfig.preset, ""
-    from datafree.teacher import load_teacher
+    from datafree.ensemble import load_teachers
 
     try:
-        teacher = load_teacher(teacher_path, input_spec=input_spec)
+        teacher = load_teachers(teacher_path, input_spec=input_spec)
     except (UserError, OSError, ValueError):
         return DistillConfig.preset, ""
     if teacher.has_bn:
@@ -284,6 +287,13 @@ def validate(cfg: DistillConfig) -> None:
     for key in cfg.weights:
         if key not in KNOWN_WEIGHTS:
             raise UserError(f"unknown loss weight {key!r}; known: {', '.join(KNOWN_WEIGHTS)}")
+    from datafree.knowledge import KNOWLEDGE_TERMS
+
+    for key, weight in cfg.knowledge.items():
+        if key not in KNOWLEDGE_TERMS:
+            raise UserError(f"unknown knowledge term {key!r}; known: {', '.join(KNOWLEDGE_TERMS)}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise UserError(f"the weight of knowledge term {key!r} must be a number >= 0, got {weight!r}")
     if cfg.max_student_steps < max(1, cfg.student_steps):
         raise UserError("config field 'max_student_steps' must be at least student_steps")
     if cfg.weights.get("soft") and cfg.generator != "pixels":

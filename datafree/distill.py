@@ -31,13 +31,14 @@ import lightning as L
 import torch
 
 from datafree.config import DistillConfig, to_yaml
-from datafree.data import InputSpec, dataset_spec, no_real_data
+from datafree.data import ImageSet, InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
 from datafree.io import atomic_path, check_writable_dir, save_tensors, sha256_file, write_json, write_text
 from datafree.progress import ProgressFile
 from datafree.models import Classifier, count_parameters, create_model
 from datafree.student import DistillModule, Rounds, agreement
-from datafree.teacher import Teacher, load_model, load_teacher, save_model
+from datafree.ensemble import load_teachers, teacher_list
+from datafree.teacher import Teacher, load_model, save_model
 from datafree.training import quiet_lightning
 from generators import create_generator
 
@@ -162,7 +163,9 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
         notify(cfg.preset_note)
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
-    teacher = load_teacher(cfg.teacher, input_spec=cfg.teacher_input_spec)
+    teacher = load_teachers(cfg.teacher, input_spec=cfg.teacher_input_spec)
+    if getattr(teacher, "bn_note", "") and not resume:
+        notify(f"note: {teacher.bn_note}")
     student, student_arch, student_kwargs = build_student(cfg.student, teacher, cfg.student_kwargs)
     if cfg.eval_data and not Path(cfg.eval_data).exists():  # a named data set: check its shape before training
         eval_spec = dataset_spec(cfg.eval_data)
@@ -211,7 +214,8 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
     best_step, best_agreement = module.select_best()
     student = module.student.eval().cpu()  # outputs are written and scored on the CPU, whatever trained them
     teacher = teacher.cpu()
-    teacher_hash = sha256_file(cfg.teacher)
+    teachers = teacher_records(cfg.teacher, teacher)
+    teacher_hash = teachers[0]["sha256"] if len(teachers) == 1 else ensemble_hash(teachers)
     card = save_model(student, out / "student.safetensors", student_arch, teacher.spec, student_kwargs,
                       trained_by="datafree distill", preset=cfg.preset, teacher_sha256=teacher_hash,
                       selected_step=best_step, holdout_agreement=_round(best_agreement))
@@ -231,12 +235,13 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         "schema": "datafree-transfer/1", "kind": "transfer set", "count": len(images),
         "space": "the teacher's input space: pixels = images * std + mean", "input_spec": teacher.spec.to_dict(),
         "class_names": teacher.spec.class_names, "class_counts": torch.bincount(logits.argmax(1), minlength=teacher.num_classes).tolist(),
-        "teacher_sha256": teacher_hash, "preset": cfg.preset, "seed": cfg.seed, "steps": module.rounds,
+        "teacher_sha256": teacher_hash, "teachers": teachers, "preset": cfg.preset, "seed": cfg.seed, "steps": module.rounds,
         "tensors": {"images": "float32 N x C x H x W", "teacher_logits": "float32 N x classes", "labels": "int64 teacher argmax"}})
     summary = {"steps": module.rounds, "seconds": round(seconds, 1), "selected_step": best_step,
                "holdout_agreement": _round(best_agreement), "student": student_arch,
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
-               "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule}
+               "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule, "teachers": teachers,
+               "knowledge": ["logits (KD)"] + [f"{k} x{w:g}" for k, w in sorted(module.knowledge.items())]}
     if cfg.eval_data:  # report only: nothing above looked at real data
         from datafree.data import load_dataset
         from datafree.training import accuracy, predict
@@ -247,12 +252,31 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         test.images = teacher.spec.normalize(test.spec.denormalize(test.images))  # into the teacher's input space
         summary["student_test_accuracy"] = round(accuracy(student, test), 2)
         summary["teacher_test_accuracy"] = round(accuracy(teacher, test), 2)
+        if len(teachers) > 1:  # each member, converted into its own input space
+            for record, member in zip(teachers, teacher.members):
+                mine = ImageSet(member.spec.normalize(teacher.spec.denormalize(test.images)), test.labels, member.spec)
+                record["test_accuracy_measured"] = round(accuracy(member, mine), 2)
+                record["student_agreement_on_test"] = round(agreement(student, test.images, predict(member, mine.images)), 2)
         summary["student_teacher_agreement_on_test"] = round(agreement(student, test.images, predict(teacher, test.images)), 2)
     write_json(out / "summary.json", summary)
     from datafree.report import write_report
 
     write_report(out)
     return summary
+
+
+def teacher_records(paths, teacher) -> list[dict]:
+    """Per teacher file: path, sha256, form, architecture and the accuracy its card states."""
+    members = teacher.members if len(teacher_list(paths)) > 1 else [teacher]
+    return [{"path": str(path), "sha256": sha256_file(path), "format": m.format, "arch": m.arch or "(unknown)",
+             "card_test_accuracy": m.card.get("test_accuracy")} for path, m in zip(teacher_list(paths), members)]
+
+
+def ensemble_hash(teachers: list[dict]) -> str:
+    """One hash for an ensemble: sha256 of its members' sha256 values, in order."""
+    import hashlib
+
+    return hashlib.sha256("".join(t["sha256"] for t in teachers).encode()).hexdigest()
 
 
 def _round(value: float | None) -> float | None:

@@ -18,12 +18,15 @@ import typing
 
 
 def _plain(annotation) -> tuple[type | None, tuple | None]:
-    """``(python type or None, choices or None)`` of a field's annotation (``None`` dropped from unions)."""
+    """``(python type or None, choices or None)`` of a field's annotation (``None`` dropped from unions;
+    ``list`` when a union allows a list: the flag may then be repeated)."""
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
         return str, typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if any(typing.get_origin(k) is list for k in kinds):
+            return list, None
         return (kinds[0] if len(kinds) == 1 or str in kinds and kinds[0] is str else str), None
     return annotation, None
 
@@ -55,6 +58,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, names: list[str], pre
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif kind is list:  # repeat the flag for several values; one value stays a plain value
+            parser.add_argument(flag, dest=name, action="append", default=None, help=text + " (repeat the flag for several)")
         elif kind is dict:
             parser.add_argument(flag, dest=name, type=_json_mapping, default=None, metavar="JSON", help=text)
         else:
@@ -73,5 +78,6 @@ def _json_mapping(text: str) -> dict:
 
 
 def given(args: argparse.Namespace, names: list[str]) -> dict:
-    """The flags among ``names`` the user gave (a ``None`` means not given)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    """The flags among ``names`` the user gave (a ``None`` means not given); a repeated flag given once is one value."""
+    values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in values.items()}

@@ -227,6 +227,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         "training": {"method": "data-free knowledge distillation (datafree distill): no real data seen in training",
                      "preset": card.get("preset"), "rounds": summary.get("steps"), "seconds": summary.get("seconds"),
                      "teacher_sha256": card.get("teacher_sha256"), "teacher_test_accuracy": summary.get("teacher_test_accuracy"),
+                     "teachers": summary.get("teachers"), "knowledge": summary.get("knowledge", ["logits (KD)"]),
                      "selection": f"holdout synthetic agreement {card.get('holdout_agreement')}% at round {card.get('selected_step')}"},
         "audit": _audit_summary(run), "sha256": card.get("sha256"),
         "load": LOAD_SNIPPET.format(shape=spec.describe()),

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datafree.config import DistillConfig, parse_duration
+from datafree.knowledge import Hint, knowledge_terms
 from datafree.synthesis import SamplePool, Synthesizer
 from datafree.teacher import Teacher
 from datafree.training import predict
@@ -92,6 +93,7 @@ class DistillModule(L.LightningModule):
         self.holdout = SamplePool(cfg.holdout_size)
         self.snapshots: list[tuple[int, dict]] = []
         self.augment = student_augment() if cfg.augment else None
+        self.knowledge, self.hint = self._knowledge_terms(teacher, student, cfg, notify)
         self.rng = torch.Generator()
         self.rng.manual_seed(cfg.seed)
         self.log_fn = log or (lambda record: None)
@@ -104,14 +106,31 @@ class DistillModule(L.LightningModule):
         self.student_steps = cfg.student_steps
         self.schedule: dict | None = None  # what fit_schedule measured and chose (or "fixed"), kept in checkpoints
 
+    @staticmethod
+    def _knowledge_terms(teacher, student, cfg, notify) -> tuple[dict, Hint | None]:
+        """The knowledge terms this teacher and student allow, and the hint's projection (sized by a dry pass)."""
+        wanted = {k: w for k, w in cfg.knowledge.items() if w}
+        if not wanted:
+            return {}, None
+        if not teacher.has_features or not hasattr(student, "forward_features"):
+            who = "the teacher hides its features (TorchScript)" if not teacher.has_features else "the student exposes no features"
+            notify(f"note: {who}; the knowledge terms {', '.join(sorted(wanted))} are off, logits only")
+            return {}, None
+        with torch.no_grad():
+            probe = torch.zeros(2, *teacher.input_shape)
+            t_dim = teacher.forward_with_features(probe)[0].flatten(1).shape[1]
+            s_dim = student.forward_features(probe).flatten(1).shape[1]
+        return wanted, Hint(s_dim, t_dim) if "hint" in wanted else None
+
     # --- optimisers ------------------------------------------------------------------------------
     def configure_optimizers(self):
         cfg = self.cfg
         opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
         if cfg.student_optimizer == "adam":
-            opt_s = torch.optim.Adam(self.student.parameters(), lr=cfg.lr_student)
+            opt_s = torch.optim.Adam(self._student_side().parameters(), lr=cfg.lr_student)
         else:
-            opt_s = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_student, momentum=0.9, weight_decay=1e-4, nesterov=True)
+            opt_s = torch.optim.SGD(self._student_side().parameters(), lr=cfg.lr_student, momentum=0.9, weight_decay=1e-4,
+                                    nesterov=True)
         return [opt_g, opt_s]
 
     def progress(self) -> float:
@@ -213,14 +232,25 @@ class DistillModule(L.LightningModule):
             x, changed = self.augment(x), True
         if cfg.mixup and torch.rand((), generator=self.rng) < cfg.mixup:
             x, changed = mixup(x, self.rng), True
-        if changed:
+        if self.knowledge:  # features of both: one teacher pass gives its logits too
             with torch.no_grad():
-                t = self.teacher(x)
-        loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
+                t_feats, t = self.teacher.forward_with_features(x)
+            s_feats = self.student.forward_features(x)
+            loss = kd_loss(self.student.head(s_feats), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
+            loss = loss + sum(knowledge_terms(self.knowledge, s_feats, t_feats, self.hint).values())
+        else:
+            if changed:
+                with torch.no_grad():
+                    t = self.teacher(x)
+            loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
         opt_s.zero_grad()
-        self._backward(loss, self.student)
+        self._backward(loss, self._student_side())
         opt_s.step()
         return loss.detach()
+
+    def _student_side(self) -> nn.Module:
+        """What the student's optimiser trains: the student, and the hint's projection when there is one."""
+        return nn.ModuleList([self.student] + ([self.hint] if self.hint is not None else []))
 
     def _backward(self, loss: torch.Tensor, module: nn.Module) -> None:
         """Backward, then average ``module``'s gradients over the processes (DDP).

@@ -3,7 +3,7 @@ line uses, then the job runs as a ``datafree`` command in a worker process.
 
 Kinds and their config (JSON):
 
-- ``distill``: ``{"teacher": TEACHER_ID, ...DistillConfig fields}`` (``preset`` picks defaults);
+- ``distill``: ``{"teacher": TEACHER_ID or [TEACHER_ID, ...], ...DistillConfig fields}`` (``preset`` picks defaults);
 - ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", ...}`` and the other fields of
   :class:`datafree.condense_job.CondenseJob` that a client may set (:func:`condense_fields`);
 - ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test", "protocol"}``;
@@ -67,7 +67,9 @@ def config_schemas() -> dict:
                                          "properties": {k: {"type": words[t]} for k, t in fields.items()}}
     return {
         "distill": typed(DistillConfig, CLIENT_BLOCKED | {"preset_note"},
-                         {"teacher": {"type": "string", "description": "id of an uploaded teacher (GET /v1/teachers)"}}),
+                         {"teacher": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                                      "description": "id of an uploaded teacher (GET /v1/teachers), or a list of ids: "
+                                                     "an ensemble whose averaged soft targets the student learns"}}),
         "condense": typed(CondenseJob, CONDENSE_SERVER_FIELDS,
                           {"source": {"type": "string", "default": "mnist",
                                       "description": "a data set name, or job:ID of a finished distill job (data-free)"}}),
@@ -129,12 +131,14 @@ def validate_job(store, kind: str, config: dict) -> dict:
         blocked = sorted(set(config) & CLIENT_BLOCKED)
         if blocked:
             raise UserError(f"config field {blocked[0]!r} is set by the server, not by a job")
-        if not config.get("teacher") or store.teacher(str(config["teacher"])) is None:
-            raise UserError(f"config field 'teacher': no uploaded teacher {config.get('teacher')!r} (see GET /v1/teachers)")
+        ids = config.get("teacher") if isinstance(config.get("teacher"), list) else [config.get("teacher")]
+        for teacher_id in ids or [None]:
+            if not teacher_id or not isinstance(teacher_id, str) or store.teacher(teacher_id) is None:
+                raise UserError(f"config field 'teacher': no uploaded teacher {teacher_id!r} (see GET /v1/teachers)")
         _data_name(config.get("eval_data"), "eval_data")
         if config.get("time_budget") is not None:
             parse_duration(config["time_budget"])
-        resolve_distill_config(overrides={**config, "teacher": "stored"})  # the command line's typed config
+        resolve_distill_config(overrides={**config, "teacher": ["stored"] * len(ids) if len(ids) > 1 else "stored"})  # typed config
         return dict(config)
     if kind == "condense":
         from datafree.condense_job import job_from_dict
@@ -190,8 +194,9 @@ def command_for(store, job: dict, resume: bool = False) -> list[str]:
         import yaml
 
         values = {k: v for k, v in config.items() if k not in ("teacher", "preset")}
-        teacher = store.teacher(config["teacher"])
-        values["teacher"] = str(store.teacher_dir(teacher["id"]) / teacher["file"])
+        ids = config["teacher"] if isinstance(config["teacher"], list) else [config["teacher"]]
+        paths = [str(store.teacher_dir(t["id"]) / t["file"]) for t in map(store.teacher, ids)]
+        values["teacher"] = paths if len(paths) > 1 else paths[0]
         path = store.job_dir(job["id"]) / "config.yaml"
         path.write_text(yaml.safe_dump(values))
         argv += ["distill", "--config", str(path), "--out", str(out), "--no-progress"]

@@ -1,0 +1,132 @@
+"""Distillation from an ensemble of teachers: averaged soft targets, every member's BN prior, one sentence for a mismatch."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, TEACHERS
+from datafree.config import resolve_distill_config
+from datafree.distill import run_distill
+from datafree.ensemble import TeacherEnsemble, load_teachers
+from datafree.errors import UserError
+from datafree.teacher import load_teacher
+
+LENET = str(TEACHERS / "mnist_lenet5.safetensors")
+LENET_NOBN = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
+OWNER_PT2 = str(ROOT / "assets" / "suite" / "mnist_owner_resgap.pt2")  # [0, 1] inputs, its normalisation inside
+TINY = {"steps": 3, "batch_size": 16, "student_batch": 16, "student_steps": 1, "pool_size": 32, "eval_every": 3,
+        "checkpoint_every": 3, "grid_every": 0, "holdout_every": 2, "generator_kwargs": {"latent_dim": 8, "width": 8}}
+
+
+def test_the_ensemble_answers_with_its_members_averaged_soft_targets():
+    ensemble = load_teachers([LENET, OWNER_PT2], input_spec=None)
+    lenet, owner = load_teacher(LENET), load_teacher(OWNER_PT2)
+    assert isinstance(ensemble, TeacherEnsemble) and lenet.spec != owner.spec  # the members normalise differently
+    x = torch.randn(6, 1, 28, 28)  # in the first member's input space
+    expected = (lenet(x).softmax(1) + owner(owner.spec.normalize(lenet.spec.denormalize(x))).softmax(1)) / 2
+    assert torch.allclose(ensemble(x).softmax(1), expected, atol=1e-5)
+    assert ensemble.spec == lenet.spec and ensemble.num_classes == 10
+
+
+def test_every_member_with_bn_statistics_feeds_the_bn_prior():
+    both = load_teachers([LENET, LENET])
+    with_one = load_teachers([LENET, LENET_NOBN])
+    x = torch.randn(4, 1, 28, 28)
+    both(x), with_one(x)
+    single = load_teacher(LENET)
+    single(x)
+    assert len(both.bn_taps()) == 2 * len(single.bn_taps()) > 0
+    assert len(with_one.bn_taps()) == len(single.bn_taps()) and "teachers 1 have no readable BN" in with_one.bn_note
+    assert not load_teachers([LENET_NOBN, LENET_NOBN]).has_bn
+
+
+def test_teachers_that_disagree_are_refused_in_one_sentence(tmp_path):
+    from datafree.data import InputSpec, dataset_spec
+    from datafree.models import create_model
+    from datafree.teacher import save_model
+
+    fashion = str(TEACHERS / "fmnist_convnet.safetensors")
+    with pytest.raises(UserError, match="name their classes differently"):
+        load_teachers([LENET, fashion])
+    five = tmp_path / "five.safetensors"
+    save_model(create_model("lenet5", num_classes=5), five, "lenet5", InputSpec(1, 28, (0.5,), (0.5,), list("abcde")))
+    with pytest.raises(UserError, match=r"disagree on classes: .* has 10, .*five.safetensors' has 5"):
+        load_teachers([LENET, str(five)])
+    big = tmp_path / "big.safetensors"
+    spec = dataset_spec("mnist")
+    save_model(create_model("lenet5", image_size=32), big, "lenet5", InputSpec(1, 32, spec.mean, spec.std, spec.class_names))
+    with pytest.raises(UserError, match="take different images: .* 1x28x28, .* 1x32x32"):
+        load_teachers([LENET, str(big)])
+
+
+def test_a_run_from_an_ensemble_records_every_teacher(tmp_path):
+    from datafree.condense_job import teacher_of_run
+    from datafree.io import sha256_file
+
+    cfg = resolve_distill_config("dfq", overrides={"teacher": [LENET, OWNER_PT2], "out": str(tmp_path / "run"), **TINY})
+    summary = run_distill(cfg, progress=False)
+    assert [t["path"] for t in summary["teachers"]] == [LENET, OWNER_PT2]
+    assert [t["sha256"] for t in summary["teachers"]] == [sha256_file(LENET), sha256_file(OWNER_PT2)]
+    assert [t["format"] for t in summary["teachers"]] == ["safetensors", "pt2"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["teachers"] == summary["teachers"] and len(manifest["teacher_sha256"]) == 64
+    teacher, _ = teacher_of_run(tmp_path / "run")  # the run's teachers, each checked against its hash
+    assert isinstance(teacher, TeacherEnsemble) and len(teacher.members) == 2
+
+
+def test_the_command_line_takes_several_teachers(tmp_path, capsys):
+    from datafree.cli import main
+
+    args = ["distill", "--teacher", LENET, "--teacher", LENET_NOBN, "--out", str(tmp_path / "run"), "--no-eval", "--no-progress",
+            "--steps", "2", "--batch-size", "16", "--pool-size", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [t["path"] for t in summary["teachers"]] == [LENET, LENET_NOBN]
+    assert "teachers 1 have no readable BN statistics" in capsys.readouterr().err  # said once, in one line
+    fashion = str(TEACHERS / "fmnist_convnet.safetensors")
+    assert main(["distill", "--teacher", LENET, "--teacher", fashion, "--out", str(tmp_path / "bad"), "--no-eval"]) == 2
+    assert "name their classes differently" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_relational_terms_compare_structure_not_scale():
+    from datafree.knowledge import rkd_loss
+
+    t = torch.randn(16, 8)
+    assert rkd_loss(t * 3.0, t).item() < 1e-6  # distances normalised by their mean, angles scale-free
+    assert rkd_loss(torch.randn(16, 4), t).item() > 0.1
+
+
+def test_knowledge_terms_train_with_the_student_and_are_recorded(tmp_path):
+    from datafree.student import DistillModule
+
+    cfg = resolve_distill_config("dfq", overrides={"teacher": LENET, "out": str(tmp_path / "run"), **TINY,
+                                                   "knowledge": {"hint": 1.0, "rkd": 1.0}})
+    summary = run_distill(cfg, progress=False)
+    assert summary["knowledge"] == ["logits (KD)", "hint x1", "rkd x1"]
+    teacher = load_teacher(LENET)
+    from datafree.models import create_model
+
+    from generators import create_generator
+
+    generator = create_generator("dcgan", 1, 28, 10, latent_dim=8, width=8)
+    module = DistillModule(teacher, create_model("lenet5_half"), generator, cfg, notify=lambda m: None)
+    assert module.hint is not None and module.hint.project.in_features == 42 and module.hint.project.out_features == 84
+    assert {id(p) for p in module.hint.parameters()} <= {id(p) for g in module.configure_optimizers()[1].param_groups
+                                                          for p in g["params"]}  # the student's optimiser trains the projection
+
+
+def test_a_teacher_without_reachable_features_turns_the_terms_off_with_a_note(tmp_path):
+    from datafree.models import create_model
+    from datafree.student import DistillModule
+
+    scripted = load_teacher(str(ROOT / "assets" / "suite" / "fmnist_resnet8.ts"), input_spec="1x28x28")
+    cfg = resolve_distill_config("dfq", overrides={"teacher": LENET, **TINY, "knowledge": {"rkd": 1.0}})
+    notes = []
+    from generators import create_generator
+
+    generator = create_generator("dcgan", 1, 28, 10, latent_dim=8, width=8)
+    module = DistillModule(scripted, create_model("lenet5_half"), generator, cfg, notify=notes.append)
+    said = [n for n in notes if "knowledge" in n]  # (the BN prior's own note comes too)
+    assert module.knowledge == {} and len(said) == 1 and "TorchScript" in said[0] and "logits only" in said[0]
+    with pytest.raises(UserError, match="unknown knowledge term 'gram'"):
+        resolve_distill_config("dfq", overrides={"teacher": LENET, "knowledge": {"gram": 1.0}})
