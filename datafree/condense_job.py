@@ -185,7 +185,7 @@ class BudgetBar:
         0.5
     """
 
-    def __init__(self, steps: int, budget: float | None, show: bool = True, desc: str = "condense"):
+    def __init__(self, steps: int, budget: float | None, show: bool = True, desc: str = "condense", report: bool = True):
         from tqdm.auto import tqdm
 
         from datafree.progress import ProgressFile
@@ -195,7 +195,7 @@ class BudgetBar:
         unit = "s" if budget else "it"
         self.bar = tqdm(total=self.total, desc=desc, unit=unit, disable=not show,
                         bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} " + unit + " [{elapsed}<{remaining}{postfix}]")
-        self.report = ProgressFile()
+        self.report = ProgressFile(path="" if not report else None)  # only the main process reports
 
     def __call__(self, done: int, total: int, record: dict) -> None:
         self.fraction = min(1.0, max(done / self.steps, record.get("seconds", 0.0) / self.budget if self.budget else 0.0))
@@ -238,7 +238,8 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         check_writable_dir(out, job.overwrite)
         checkpoint.unlink(missing_ok=True)  # an overwritten run starts afresh
     shards = _shards(job)
-    bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}")
+    bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
+                    report=shards.is_main)
     settings = job.settings()
     with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
         result = condense(source, job.method, job.ipc, seed=job.seed, progress=bar, checkpoint=checkpoint, resume=job.resume,

@@ -21,7 +21,7 @@ class ProgressFile:
         """``after``: the name of a stage that runs once the job's budgeted work is done (e.g. an
         evaluation after a condensation): the job's fraction stays at 1 and this stage's own
         fraction goes to the metrics as ``<after>_fraction``, so the service's progress never goes back."""
-        self.path, self.after = path or os.environ.get(ENV), after
+        self.path, self.after = (os.environ.get(ENV) if path is None else path), after  # "": no file
         self.every, self.started, self.last = every, time.monotonic(), 0.0
         self.first_fraction = None
 
