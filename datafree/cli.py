@@ -208,15 +208,17 @@ def cmd_evaluate_set(args) -> int:
     test_name = args.test or manifest.get("source", {}).get("name")
     if not test_name or test_name.startswith("runs") or "/" in test_name:
         raise UserError("say which real test set to score on with --test (e.g. --test mnist)")
-    condensed, _, manifest = read_set(args.path, spec=None if own else dataset_spec(test_name))
+    condensed, soft, manifest = read_set(args.path, spec=None if own else dataset_spec(test_name))
+    if args.soft_labels and soft is None:
+        raise UserError("this set carries no soft labels; condense a distill run's transfer set with --soft-labels to get them")
     test = load_dataset(test_name, train=False, data_dir=args.data_dir, download=getattr(args, "download", False))
     if (condensed.spec.channels, condensed.spec.size) != (test.spec.channels, test.spec.size):
         raise UserError(f"the set holds {condensed.spec.describe()} images but {test_name} is {test.spec.describe()}")
     result = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
                           arch=args.arch, models=args.models, epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
-                          protocol=args.protocol)
+                          protocol=args.protocol, soft_labels=soft if args.soft_labels else None)
     print(f"{args.arch}: {result['mean']:.2f} +- {result['std']:.2f} % over {result['protocol']['models']} models "
-          f"({args.protocol} protocol) on the {test_name} test set")
+          f"({args.protocol} protocol, {'soft' if args.soft_labels else 'hard'} labels) on the {test_name} test set")
     if args.record:
         if not own:
             raise UserError("--record writes into a datafree set's manifest.json; this folder has none (use --out)")
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="fixed", choices=["fixed", "published"],
                    help="fixed: 3 models x 300 epochs (default); published: the reference code's 20 models x 1000 epochs")
     p.add_argument("--models", type=int, help="fresh models to train (default: the protocol's)")
+    p.add_argument("--soft-labels", action="store_true",
+                   help="train on the soft labels the set carries (KD at T=1); report beside the hard-label result")
     p.add_argument("--epochs", type=int, help="epochs per model (default: the protocol's)")
     p.add_argument("--test", help="real test set (default: the set's source)")
     p.add_argument("--seed", type=int, default=0)

@@ -50,13 +50,17 @@ class DSATransform(nn.Module):
 
 
 def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models: int | None = None, epochs: int | None = None,
-                 seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None) -> dict:
+                 seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None,
+                 soft_labels: torch.Tensor | None = None) -> dict:
     """Train ``models`` fresh networks on ``train`` with a named protocol (:data:`PROTOCOLS`); accuracy on ``test``.
 
     ``models`` and ``epochs`` default to the protocol's. Returns ``{"mean", "std", "accuracies",
     "protocol"}`` (percent; std over the models, sample). With ``progress``, one bar (with ETA)
     counts the epochs of all models; the service's progress file follows it either way (``report``:
-    a :class:`~datafree.progress.ProgressFile` to write to instead of the default one).
+    a :class:`~datafree.progress.ProgressFile` to write to instead of the default one). With
+    ``soft_labels`` (N x classes probabilities, e.g. a teacher's softmax stored with the set), the
+    models learn them by cross-entropy to the soft targets (KD at T=1) instead of the hard labels;
+    report that result beside the hard-label one, never instead of it.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -68,6 +72,10 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     from datafree.progress import ProgressFile
 
     spec = train.spec
+    if soft_labels is not None:
+        if tuple(soft_labels.shape) != (len(train), spec.num_classes):
+            raise UserError(f"the soft labels are {tuple(soft_labels.shape)} but the set has {len(train)} images of {spec.num_classes} classes")
+        train = ImageSet(train.images, soft_labels.float(), spec, name=train.name)
     kwargs = PROTOCOL["arch_kwargs"] if arch == "convnet" else {}
     accuracies = []
     bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
@@ -91,4 +99,5 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     return {"mean": round(statistics.fmean(accuracies), 2), "std": round(std, 2), "accuracies": [round(a, 2) for a in accuracies],
             "protocol": dict(PROTOCOL, arch=arch, arch_kwargs=kwargs, epochs=epochs, models=models, seed=seed, name=protocol,
-                             decay_after_epochs=decay_after, source=named["source"])}
+                             decay_after_epochs=decay_after, source=named["source"],
+                             labels="soft (the set's soft labels, cross-entropy to them)" if soft_labels is not None else "hard")}

@@ -636,3 +636,34 @@ def test_an_evaluation_after_the_budget_does_not_move_the_progress_back(tmp_path
     ProgressFile(str(path), every=0, after="evaluate").update(0.3, 3, 10)
     written = json.loads(path.read_text())
     assert written["fraction"] == 1.0 and written["metrics"] == {"evaluate_fraction": 0.3, "stage": "evaluate"}
+
+
+def test_soft_label_track_trains_on_the_sets_soft_labels(tiny_mnist, monkeypatch, tmp_path, capsys):
+    """evaluate_set(soft_labels=...) hands the trainer the soft targets; the result says which labels it used."""
+    import datafree.evaluate as evaluate
+
+    seen = []
+    monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: seen.append(data) or model)
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, data: 50.0)
+    soft = torch.softmax(torch.randn(len(tiny_mnist), 10), 1)
+    result = evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1, epochs=1, soft_labels=soft)
+    assert torch.equal(seen[0].labels, soft) and result["protocol"]["labels"].startswith("soft")
+    assert evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1, epochs=1)["protocol"]["labels"] == "hard"
+    with pytest.raises(UserError, match="soft labels are"):
+        evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1, epochs=1, soft_labels=soft[:5])
+    # a set without soft labels: one sentence
+    save_image_set(tmp_path / "s", tiny_mnist.images[:10], tiny_mnist.labels[:10], tiny_mnist.spec, {"method": "x"})
+    assert main(["evaluate-set", str(tmp_path / "s"), "--test", "mnist", "--soft-labels"]) == 2
+    assert "carries no soft labels" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")  # logging outside a Trainer
+def test_cross_entropy_to_soft_targets_trains_toward_them():
+    """The trainer's loss with float targets is cross-entropy to those probabilities (what the soft-label track relies on)."""
+    from datafree.training import SupervisedModule
+
+    model = torch.nn.Linear(4, 3)
+    module = SupervisedModule(model)
+    x, target = torch.randn(8, 4), torch.softmax(torch.randn(8, 3), 1)
+    loss = module.training_step((x, target), 0)
+    assert torch.allclose(loss, -(target * torch.log_softmax(model(x), 1)).sum(1).mean(), atol=1e-6)

@@ -31,7 +31,7 @@ KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
 CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress"}
-EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str}
+EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str, "soft_labels": bool}
 AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
 
@@ -221,6 +221,8 @@ def command_for(store, job: dict, resume: bool = False) -> list[str]:
         for key in ("arch", "models", "epochs", "test", "protocol"):
             if key in config:
                 argv += ["--" + key, str(config[key])]
+        if config.get("soft_labels"):
+            argv.append("--soft-labels")
         return argv
     if kind == "audit":
         out.mkdir(parents=True, exist_ok=True)
