@@ -62,6 +62,7 @@ class CondenseSettings:
     net_width: int = 64
     net_depth: int = 3
     init: str = "real"                    # real | noise | kmeans
+    factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0
@@ -75,9 +76,10 @@ class CondenseSettings:
 
 @dataclass
 class Condensed:
-    images: torch.Tensor
+    images: torch.Tensor                  # what a model trains on (decoded, with --factor)
     labels: torch.Tensor
     soft_labels: torch.Tensor | None = None
+    stored: torch.Tensor | None = None    # with factor > 1: the stored images (the storage budget), ipc per class
     history: list[dict] = field(default_factory=list)
     init_source: torch.Tensor | None = None   # per image: the source index it started from (-1: not a source image)
 
@@ -98,16 +100,27 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
         torch.Size([10, 1, 28, 28])
     """
     run = CONDENSERS.get_or_fail(method)
-    counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
-    if int(counts.min()) < ipc:
-        worst = int(counts.argmin())
-        raise UserError(f"ipc {ipc} is more than class {source.spec.class_names[worst]!r} has images ({int(counts[worst])})")
     unknown = sorted(set(kwargs) - set(CondenseSettings.__dataclass_fields__))
     if unknown:
         raise UserError(f"unknown condensation setting {unknown[0]!r}")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
+    check_source(source, method, settings)
     return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
                shards=shards or Shards())
+
+
+def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
+    """Refuse, in one sentence, settings this source cannot take (checked before any file is written)."""
+    if s.factor < 1 or source.spec.size % s.factor:
+        raise UserError(f"factor {s.factor} does not divide the image size {source.spec.size}")
+    if s.factor > 1 and method not in ("dc", "dsa", "dm"):
+        raise UserError(f"factor applies to the matching methods (dc, dsa, dm), not to {method!r}")
+    counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
+    needed = s.ipc * s.factor ** 2
+    if int(counts.min()) < needed:
+        worst = int(counts.argmin())
+        raise UserError(f"ipc {s.ipc}{f' x factor^2 = {needed}' if s.factor > 1 else ''} is more than class "
+                        f"{source.spec.class_names[worst]!r} has images ({int(counts[worst])})")
 
 
 # --- gradient matching ----------------------------------------------------------------------------
@@ -185,18 +198,47 @@ def class_generator(seed: int, iteration: int, step: int, c: int) -> torch.Gener
     return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
 
 
+def decode(stored: torch.Tensor, factor: int) -> torch.Tensor:
+    """Multi-formation (IDC, Kim et al. 2022): each stored image holds ``factor x factor`` tiles, each
+    upsampled (bilinear) to the full size: N stored images give N * factor^2 training images.
+
+    Example:
+        >>> decode(torch.zeros(3, 1, 28, 28), 2).shape
+        torch.Size([12, 1, 28, 28])
+    """
+    if factor == 1:
+        return stored
+    n, c, h, w = stored.shape
+    tiles = stored.reshape(n, c, factor, h // factor, factor, w // factor).permute(0, 2, 4, 1, 3, 5)
+    return F.interpolate(tiles.reshape(n * factor * factor, c, h // factor, w // factor), size=(h, w), mode="bilinear",
+                         align_corners=False)
+
+
+def encode(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The inverse layout of :func:`decode`: ``factor^2`` consecutive images, downsampled, tiled into one."""
+    if factor == 1:
+        return images
+    m, c, h, w = images.shape
+    small = F.interpolate(images, size=(h // factor, w // factor), mode="area")
+    tiles = small.reshape(m // factor ** 2, factor, factor, c, h // factor, w // factor).permute(0, 3, 1, 4, 2, 5)
+    return tiles.reshape(m // factor ** 2, c, h, w)
+
+
 def _init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by_class) -> tuple[torch.Tensor, torch.Tensor]:
-    """The starting images, and for each the index of the source image it copies (-1 for noise and k-means centres)."""
+    """The starting (stored) images, and for each decoded image the index of the source image it copies
+    (-1 for noise and k-means centres). With ``factor`` f, f^2 source images are tiled into each stored one."""
+    per_class = s.ipc * s.factor ** 2  # decoded images per class
     shape = (source.spec.num_classes * s.ipc, *source.images.shape[1:])
-    none = torch.full((shape[0],), -1, dtype=torch.long)
+    none = torch.full((source.spec.num_classes * per_class,), -1, dtype=torch.long)
     if s.init == "noise":
         return torch.randn(shape, generator=rng), none
     if s.init == "kmeans":
-        return torch.cat([_kmeans_centres(source.images[idx], s.ipc, s.seed) for idx in by_class]), none
+        centres = torch.cat([_kmeans_centres(source.images[idx], per_class, s.seed) for idx in by_class])
+        return encode(centres, s.factor), none
     if s.init != "real":
         raise UserError(f"unknown initialisation {s.init!r}; use real, noise or kmeans")
-    chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[: s.ipc]] for idx in by_class])
-    return source.images[chosen].clone(), chosen
+    chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[:per_class]] for idx in by_class])
+    return encode(source.images[chosen].clone(), s.factor), chosen
 
 
 def _matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
@@ -332,7 +374,8 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     by_class, mine = _class_index(source.labels, k), shards.mine(k)
     syn, init_source = _init_images(source, s, rng, by_class)
     syn.requires_grad_(True)
-    syn_labels = torch.arange(k).repeat_interleave(s.ipc)
+    per_class = s.ipc * s.factor ** 2
+    syn_labels = torch.arange(k).repeat_interleave(per_class)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt_img, shards=shards, **run_kwargs)
     outer, inner = s.loops()
@@ -343,11 +386,12 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
             losses = []
             for ol in range(outer):
                 draws = lambda c: class_generator(s.seed, run.iteration, ol, c)  # noqa: E731
-                loss = gradient_matching_loss(net, source.images, by_class, syn, s.ipc, s.real_per_class, draws, dsa, mine)
+                loss = gradient_matching_loss(net, source.images, by_class, decode(syn, s.factor), per_class, s.real_per_class,
+                                              draws, dsa, mine)
                 losses.append(run.step(loss))
                 if ol == outer - 1 or run.out_of_time():
                     break
-                images = syn.detach()
+                images = decode(syn.detach(), s.factor)
                 for _ in range(inner):  # train the network on the synthetic set
                     batch = torch.randperm(len(images), generator=rng)[:256]
                     x = images[batch]
@@ -358,7 +402,8 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
                     net_loss.backward()
                     opt_net.step()
             run.end_iteration({"match_loss": sum(losses) / len(losses) / k})
-    return Condensed(syn.detach(), syn_labels, history=run.history, init_source=init_source)
+    return Condensed(decode(syn.detach(), s.factor), syn_labels, history=run.history, init_source=init_source,
+                     stored=syn.detach() if s.factor > 1 else None)
 
 
 @register_condenser("dc")
@@ -388,16 +433,17 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kw
             net = _matching_net(source, s)
             for p in net.parameters():
                 p.requires_grad_(False)
-            loss = syn.new_zeros(())
+            loss, decoded, per_class = syn.new_zeros(()), decode(syn, s.factor), s.ipc * s.factor ** 2
             for c in shards.mine(k):
                 g = class_generator(s.seed, run.iteration, 0, c)
                 idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=g)]
                 p = augment.sample(g)
                 real = net.forward_features(augment.apply(source.images[idx], p))
-                mine = net.forward_features(augment.apply(syn[c * s.ipc:(c + 1) * s.ipc], p))
+                mine = net.forward_features(augment.apply(decoded[c * per_class:(c + 1) * per_class], p))
                 loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
             run.end_iteration({"match_loss": run.step(loss) / k})
-    return Condensed(syn.detach(), torch.arange(k).repeat_interleave(s.ipc), history=run.history, init_source=init_source)
+    return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(s.ipc * s.factor ** 2),
+                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
 
 
 # --- selection baselines ----------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class CondenseJob:
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
     init: Literal[INITS] = describe(  # type: ignore[valid-type]
         "start from random real images of each class, noise, or k-means centres", "real")
+    factor: int = describe("multi-formation: each stored image holds factor x factor smaller images, decoded to full "
+                           "size for training (a different storage budget: report it apart)", 1, ge=1)
     real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
     net_width: int | None = describe("width of the matching ConvNet (default 64, chosen on a validation split)", ge=1)
     outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
@@ -94,7 +96,7 @@ class CondenseJob:
 
     def settings(self) -> dict:
         """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
-        chosen = {"iterations": self.steps, "init": self.init, "time_budget": self.budget_seconds()}
+        chosen = {"iterations": self.steps, "init": self.init, "time_budget": self.budget_seconds(), "factor": self.factor}
         for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
             if getattr(self, name):
                 chosen[name] = getattr(self, name)
@@ -222,11 +224,12 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         >>> run_condense(CondenseJob(source="mnist", ipc=1, steps=5, out="runs/c", net_width=8))["images"]  # doctest: +SKIP
         10
     """
-    from datafree.condense import condense
+    from datafree.condense import CondenseSettings, check_source, condense
     from datafree.data import no_real_data
 
     job.validate()
     source, source_info, data_free = load_source(job)
+    check_source(source, job.method, CondenseSettings(ipc=job.ipc, **job.settings()))  # before anything is written
     teacher = teacher_of_run(Path(job.source))[0] if job.soft_labels else None  # checked before hours of work
     out = Path(job.out)
     checkpoint = out / CHECKPOINT
@@ -271,6 +274,10 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
                          "from_source_images": int((starts >= 0).sum()),
                          "source_index": "dataset.safetensors init_source: the index in the source of the image each "
                                          "condensed image started from (-1: noise or a k-means centre)"},
+                "factor": job.factor, "storage": {"stored_images_per_class": job.ipc,
+                                                  "training_images_per_class": job.ipc * job.factor ** 2,
+                                                  "stored": "dataset.safetensors 'stored' holds the factorised images; 'images' "
+                                                            "and the PNGs hold them decoded" if job.factor > 1 else None},
                 "processes": processes, "iterations_done": len(result.history),
                 "seconds": result.history[-1]["seconds"] if result.history else 0.0, "history_tail": result.history[-3:]}
     if job.evaluate:
@@ -285,7 +292,7 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
 
             manifest["evaluation"] = evaluate_set(condensed, test, models=job.evaluate, epochs=job.epochs, progress=job.progress,
                                                   report=ProgressFile(after="evaluate"))
-    save_image_set(out, result.images, result.labels, source.spec, manifest, soft, init_source=starts)
+    save_image_set(out, result.images, result.labels, source.spec, manifest, soft, init_source=starts, stored=result.stored)
     write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
     write_report(out)
     return {"out": str(out), "images": len(result.labels), "iterations": len(result.history),

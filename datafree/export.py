@@ -87,7 +87,8 @@ def class_folder(index: int, name: str, count: int) -> str:
 
 
 def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec, manifest: dict,
-                   soft_labels: torch.Tensor | None = None, init_source: torch.Tensor | None = None) -> Path:
+                   soft_labels: torch.Tensor | None = None, init_source: torch.Tensor | None = None,
+                   stored: torch.Tensor | None = None) -> Path:
     """Write a synthetic data set as ``dataset.safetensors`` + ``manifest.json`` + ``train/<class>/<i>.png``.
 
     ``images`` are in the normalised input space; the PNGs hold them denormalised to [0, 1] and
@@ -108,6 +109,8 @@ def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: Inp
         tensors["soft_labels"] = soft_labels
     if init_source is not None:
         tensors["init_source"] = init_source.long()
+    if stored is not None:  # multi-formation: the factorised storage; "images" are decoded from it
+        tensors["stored"] = stored
     save_tensors(folder / "dataset.safetensors", tensors)
     pixels = (spec.denormalize(images).clamp(0, 1) * 255).round().to(torch.uint8)
     lines, k = [], spec.num_classes

@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--load", default="alone", help="what ran beside this benchmark, recorded with every row")
     parser.add_argument("--inits", default="real", help="initialisations of the matching methods, e.g. real,kmeans,noise")
     parser.add_argument("--audit", action="store_true", help="audit each set against the real training set")
+    parser.add_argument("--factor", type=int, default=1, help="multi-formation factor of the matching methods (rows of their own)")
     parser.add_argument("--references", help="image folders made by other code to score in the same run (comma-separated)")
     parser.add_argument("--reference-test", default="mnist", help="the real test set of the --references")
     parser.add_argument("--no-progress", action="store_true")
@@ -105,10 +106,12 @@ def main():
         source, test_name, label = _source(dataset)
         test = load_dataset(test_name, train=False)
         for init in args.inits.split(",") if method in ITERATION_IS else ["-"]:
-            out = ROOT / "bench" / "condense_runs" / f"{label.split()[0]}_{'free_' if 'free' in label else ''}ipc{ipc}_{method}_{budget}_{init}"
+            factor = args.factor if method in ITERATION_IS else 1
+            out = ROOT / "bench" / "condense_runs" / (f"{label.split()[0]}_{'free_' if 'free' in label else ''}ipc{ipc}_{method}_{budget}_{init}"
+                                                      + (f"_factor{factor}" if factor > 1 else ""))
             job = CondenseJob(source=source, out=str(out), ipc=int(ipc), method=method, steps=args.iterations, overwrite=True,
                               time_budget=None if budget == "-" else budget, init=init if init != "-" else "real",
-                              progress=not args.no_progress, **settings)
+                              progress=not args.no_progress, factor=factor, **settings)
             started = time.monotonic()
             run_condense(job)
             seconds = time.monotonic() - started
@@ -117,7 +120,7 @@ def main():
                                   models=args.models, epochs=args.epochs)
             published = None if "free" in label else PUBLISHED.get((dataset, method))  # no published data-free row
             column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
-            row = {"dataset": label, "ipc": int(ipc), "method": method, "budget": budget, "init": init,
+            row = {"dataset": label, "ipc": int(ipc), "method": method, "budget": budget, "init": init, "factor": factor,
                    "iterations": manifest.get("iterations_done") or None, "seconds": round(seconds, 1), "mean": scored["mean"],
                    "std": scored["std"], "accuracies": scored["accuracies"],
                    "published": published[column] if published and column is not None else None,
@@ -155,7 +158,7 @@ def _common(args) -> dict:
 def write_results(args, rows):
     out = Path(args.out)
     old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
-    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"), r.get("init", "real"))  # noqa: E731
+    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"), r.get("init", "real"), r.get("factor", 1))  # noqa: E731
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -165,10 +168,11 @@ def write_results(args, rows):
     out.write_text(json.dumps(result, indent=2))
     lines = [f"Machine: {result['machine']}. Date: {result['date']}. Evaluation: {result['evaluation']} (fixed protocol). "
              f"Last command: `{result['command']}`", "",
-             "| data set | ipc | method | init | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
+             "| data set | ipc (stored) | method | init | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
+        storage = f"{r['ipc']}" + (f" (factor {r['factor']}: {r['ipc'] * r['factor'] ** 2} decoded)" if r.get("factor", 1) > 1 else "")
+        lines.append(f"| {r['dataset']} | {storage} | {r['method']} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
                      f"{r['iterations'] or '-'} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['mean']} +- {r['std']} | "
                      f"{r['published'] if r['published'] is not None else '-'} | {r.get('load', 'see the notes below')} |")
     audited = [r for r in result["rows"] if r.get("audit")]

@@ -667,3 +667,33 @@ def test_cross_entropy_to_soft_targets_trains_toward_them():
     x, target = torch.randn(8, 4), torch.softmax(torch.randn(8, 3), 1)
     loss = module.training_step((x, target), 0)
     assert torch.allclose(loss, -(target * torch.log_softmax(model(x), 1)).sum(1).mean(), atol=1e-6)
+
+
+def test_multi_formation_decodes_each_stored_image_into_factor_squared_images(tiny_mnist, tmp_path, capsys):
+    from datafree.condense import decode, encode
+
+    smooth = torch.nn.functional.interpolate(torch.rand(8, 1, 7, 7), size=(28, 28), mode="bilinear")
+    back = decode(encode(smooth, 2), 2)
+    errors = ((back[:, None] - smooth[None]) ** 2).mean((2, 3, 4))
+    assert errors.argmin(1).tolist() == list(range(8)) and errors.diag().max() < 0.01  # each tile decodes to its own image
+    result = condense(tiny_mnist, "dm", 1, iterations=2, net_width=8, real_per_class=8, factor=2)
+    assert result.stored.shape == (10, 1, 28, 28) and result.images.shape == (40, 1, 28, 28)
+    assert result.labels.tolist() == [c for c in range(10) for _ in range(4)]
+    assert torch.allclose(result.images, decode(result.stored, 2))
+    assert (tiny_mnist.labels[result.init_source] == result.labels).all()  # four real images of the class per stored image
+    with pytest.raises(UserError, match="factor 3 does not divide the image size 28"):
+        condense(tiny_mnist, "dm", 1, iterations=1, factor=3)
+    with pytest.raises(UserError, match="factor applies to the matching methods"):
+        condense(tiny_mnist, "random", 1, factor=2)
+    source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
+    out = tmp_path / "f2"
+    assert main(["condense", "--source", str(source), "--ipc", "1", "--factor", "2", "--steps", "1", "--net-width", "8",
+                 "--real-per-class", "8", "--out", str(out), "--no-progress"]) == 0
+    back, _, manifest = load_image_set(out)
+    assert len(back) == 40 and len(list((out / "train").rglob("*.png"))) == 40  # ImageFolder readers get the decoded images
+    assert manifest["factor"] == 2 and manifest["storage"]["stored_images_per_class"] == 1
+    from datafree.io import load_tensors
+
+    assert load_tensors(out / "dataset.safetensors")["stored"].shape == (10, 1, 28, 28)
+    assert main(["condense", "--source", str(source), "--factor", "3", "--out", str(tmp_path / "f3")]) == 2
+    assert "does not divide" in capsys.readouterr().err and not (tmp_path / "f3").exists()
