@@ -82,7 +82,12 @@ def cmd_teacher_train(args) -> int:
     print(f"training {args.arch} ({count_parameters(model):,} parameters) on {train.name} ({len(train):,} images), "
           f"{args.epochs} epochs, seed {args.seed}", file=sys.stderr)
     augment = make_augment(args.augment)
-    fit_supervised(model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=augment)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.epochs, desc=f"train {args.arch}", unit="epoch")  # one bar with ETA over all epochs
+    fit_supervised(model, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment=augment,
+                   progress=False, on_epoch=lambda done: bar.update(done - bar.n))
+    bar.close()
     acc = accuracy(model, test)
     card = save_model(model, out, args.arch, spec, kwargs, dataset=train.name, test_accuracy=round(acc, 2),
                       training={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
