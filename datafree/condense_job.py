@@ -239,7 +239,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         from datafree.io import check_writable_dir
 
         check_writable_dir(out, job.overwrite)
-        checkpoint.unlink(missing_ok=True)  # an overwritten run starts afresh
+        remove_outputs(out)  # an overwritten run starts afresh: no image, checkpoint or report of the old one stays
     shards = _shards(job)
     bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
                     report=shards.is_main)
@@ -251,6 +251,21 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     if not shards.is_main:
         return {"rank": shards.rank}
     return write_condensed(job, result, source, source_info, data_free, teacher, settings, shards.world)
+
+
+OUTPUTS = ("dataset.safetensors", "manifest.json", "history.jsonl", "report.html", "audit.json", CHECKPOINT)
+OUTPUT_FOLDERS = ("train", "report")
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete what a previous condensation wrote into ``out`` (only those names; anything else stays)."""
+    import shutil
+
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def write_condensed(job: CondenseJob, result, source, source_info: dict, data_free: bool, teacher, settings: dict,

@@ -697,3 +697,13 @@ def test_multi_formation_decodes_each_stored_image_into_factor_squared_images(ti
     assert load_tensors(out / "dataset.safetensors")["stored"].shape == (10, 1, 28, 28)
     assert main(["condense", "--source", str(source), "--factor", "3", "--out", str(tmp_path / "f3")]) == 2
     assert "does not divide" in capsys.readouterr().err and not (tmp_path / "f3").exists()
+
+
+def test_overwrite_leaves_no_image_of_the_old_set(tiny_mnist, tmp_path):
+    source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
+    out = tmp_path / "c"
+    base = ["condense", "--source", str(source), "--method", "random", "--out", str(out), "--no-progress"]
+    assert main([*base, "--ipc", "3"]) == 0
+    (out / "mine.txt").write_text("the user's own file")
+    assert main([*base, "--ipc", "1", "--overwrite"]) == 0
+    assert len(list((out / "train").rglob("*.png"))) == 10 and (out / "mine.txt").read_text() == "the user's own file"
