@@ -267,7 +267,9 @@ def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
     args = parser.parse_args(["evaluate-set", "somewhere"])
     assert (args.arch, args.protocol, args.epochs, args.models) == ("convnet", "fixed", None, None)  # None: the protocol's
     assert (evaluate.PROTOCOLS["fixed"]["epochs"], evaluate.PROTOCOLS["fixed"]["models"]) == (300, 3)
-    assert parser.parse_args(["condense", "--out", "x"]).epochs == 300
+    from datafree.condense_job import CondenseJob
+
+    assert parser.parse_args(["condense", "--out", "x"]).epochs is None and CondenseJob().epochs == 300  # None: the job's default
 
 
 def test_huggingface_datasets_reads_the_folder(tiny_mnist, tmp_path, monkeypatch):
