@@ -98,7 +98,8 @@ class RunControl(L.Callback):
         if trainer.is_global_zero:
             metrics = {"loss_student": float(outputs["kd"]) if outputs else None, "pool_size": len(pl_module.pool),
                        "holdout_agreement": getattr(pl_module, "last_agreement", None)}
-            self.report.update(pl_module.progress(), step, self.cfg.steps, metrics)
+            last = self.stop_requested or pl_module.progress() >= 1.0  # the last round is always reported
+            self.report.update(pl_module.progress(), step, self.cfg.steps, metrics, force=last)
         if self.stop_requested or pl_module.progress() >= 1.0:
             trainer.should_stop = True
         if step % self.cfg.checkpoint_every == 0:

@@ -403,7 +403,7 @@ def test_sigterm_mid_job_saves_then_restart_resumes_where_it_stopped(tmp_path):
     store = tmp_path / "store"
     first = Server(store)
     tid = _upload(first.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json").json()["id"]
-    steps = 10
+    steps = 200  # long enough to be stopped mid-job (a round takes ~0.1 s here alone; progress is written every second)
     job = first.client.post("/v1/jobs", json={"kind": "distill", "config": {
         "teacher": tid, "steps": steps, **TINY_DISTILL, "checkpoint_every": 100000}}).json()
     folder = store / "jobs" / job["id"]
