@@ -83,10 +83,15 @@ def main():
     test = load_dataset("mnist", train=False)
     cards = {t: load_teacher(t).card.get("test_accuracy") or 0 for t in MEMBERS}
     best = max(MEMBERS, key=lambda t: cards[t])
-    rows = [_run("single_best", [best], "lenet5_half", {}, args, test), _run("ensemble3", MEMBERS, "lenet5_half", {}, args, test)]
-    for teacher, student in PAIRS:
-        for variant, knowledge in VARIANTS.items():
-            rows.append(_run(f"{Path(teacher).stem}_{variant}", [teacher], student, knowledge, args, test))
+    plan = [("single_best", [best], {}), ("ensemble3", MEMBERS, {})] + [
+        (f"{Path(teacher).stem}_{variant}", [teacher], knowledge) for teacher, _ in PAIRS for variant, knowledge in VARIANTS.items()]
+    rows = []
+    for name, teachers, knowledge in plan:
+        rows.append(_run(name, teachers, "lenet5_half", knowledge, args, test))
+        write_results(args, cards, best, rows)  # after every run: a stopped benchmark keeps what it measured
+
+
+def write_results(args, cards: dict, best: str, rows: list[dict]) -> None:
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "budget": args.budget,
               "card_accuracies": {Path(t).stem: a for t, a in cards.items()}, "best_single": Path(best).stem, "rows": rows}
