@@ -78,13 +78,6 @@ def config_schemas() -> dict:
     }
 
 
-def _kinds(want) -> tuple:
-    """``int | None`` -> ``(int,)``; ``str`` -> ``(str,)``."""
-    import typing
-
-    return tuple(t for t in typing.get_args(want) if t is not type(None)) or (want,)
-
-
 def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) -> dict:
     if not isinstance(config, dict):
         raise UserError("config must be a JSON object")
@@ -92,11 +85,10 @@ def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) ->
         if key not in fields:
             raise UserError(f"unknown config field {key!r}; known: {', '.join(fields)}")
         want = fields[key]
-        kinds = _kinds(want)
-        ok = value is None or (isinstance(value, kinds) and not (bool not in kinds and isinstance(value, bool)))
+        ok = value is None or (isinstance(value, want) and not (want is not bool and isinstance(value, bool)))
         if not ok:
             words = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
-            raise UserError(f"config field {key!r} must be {' or '.join(words.get(k, k.__name__) for k in kinds)}, got {value!r}")
+            raise UserError(f"config field {key!r} must be {words.get(want, want.__name__)}, got {value!r}")
     for key in required:
         if config.get(key) is None:
             raise UserError(f"config field {key!r} is required")
