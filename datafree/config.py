@@ -91,6 +91,8 @@ class DistillConfig:
     knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets) and rkd "
                                "(relational KD), e.g. {rkd: 1.0}; needs the teacher's features", default_factory=dict)
     student_loss: Literal[STUDENT_LOSSES] = describe("the student's loss on teacher logits: kl, or l1 as DFAD", "kl")  # type: ignore[valid-type]
+    student_ema: float = describe("decay of an exponential moving average of the student's weights, which is then the "
+                                  "student evaluated and kept (0: off, the raw weights)", 0.0, ge=0, lt=1)
     augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)
     mixup: float = describe("probability of mixing two pool samples in a student batch", 0.0, ge=0, le=1)
     pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)

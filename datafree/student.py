@@ -93,6 +93,12 @@ class DistillModule(L.LightningModule):
         self.holdout = SamplePool(cfg.holdout_size)
         self.snapshots: list[tuple[int, dict]] = []
         self.augment = student_augment() if cfg.augment else None
+        self.ema = None  # torch's AveragedModel of the student (a submodule: checkpoints carry it)
+        if cfg.student_ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.student_ema), use_buffers=True)
+            self.ema.requires_grad_(False)
         self.knowledge, self.hint = self._knowledge_terms(teacher, student, cfg, notify)
         self.rng = torch.Generator()
         self.rng.manual_seed(cfg.seed)
@@ -198,12 +204,13 @@ class DistillModule(L.LightningModule):
             opt_g.zero_grad()
             self._backward(loss, self.generator)
             opt_g.step()
-        stats.pop("_t_logits")
+        t_logits = stats.pop("_t_logits").detach()
         batch_done = not (self.synth.is_pixels and cfg.reset_every) or (step + 1) % cfg.reset_every == 0
         if batch_done:  # optimised pixels enter the pool only when their batch is finished
             images = images.detach()
-            with torch.no_grad():
-                t_logits = self.teacher(images)
+            if self.synth.is_pixels or cfg.jitter:  # the scored images were shifted, or the pixels moved since
+                with torch.no_grad():
+                    t_logits = self.teacher(images)
             held_out = cfg.holdout_every and self.batches % cfg.holdout_every == cfg.holdout_every - 1
             (self.holdout if held_out else self.pool).add(images, t_logits)
             self.last_batch, self.last_logits = images, t_logits
@@ -246,7 +253,13 @@ class DistillModule(L.LightningModule):
         opt_s.zero_grad()
         self._backward(loss, self._student_side())
         opt_s.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.student)
         return loss.detach()
+
+    def kept_student(self) -> nn.Module:
+        """The student that is evaluated, snapshotted and kept: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.student
 
     def _student_side(self) -> nn.Module:
         """What the student's optimiser trains: the student, and the hint's projection when there is one."""
@@ -287,16 +300,17 @@ class DistillModule(L.LightningModule):
 
     def _evaluate(self, step):
         if len(self.holdout):
-            score = agreement(self.student, *self.holdout.contents())
+            score = agreement(self.kept_student(), *self.holdout.contents())
             self.last_agreement = round(score, 3)
             self.log_fn({"step": step + 1, "kind": "eval", "holdout_agreement": round(score, 3)})
-        self.snapshots.append((step + 1, copy.deepcopy(self.student.state_dict())))
+        self.snapshots.append((step + 1, copy.deepcopy(self.kept_student().state_dict())))
         self.snapshots = self.snapshots[-8:]
 
     def select_best(self) -> tuple[int, float | None]:
         """Load the snapshot (or the final student) that agrees most with the teacher on held-out synthetic data."""
-        candidates = self.snapshots + [(self.rounds, copy.deepcopy(self.student.state_dict()))]
+        candidates = self.snapshots + [(self.rounds, copy.deepcopy(self.kept_student().state_dict()))]
         if not len(self.holdout):
+            self.student.load_state_dict(candidates[-1][1])
             return self.rounds, None
         images, logits = self.holdout.contents()
         scored = []

@@ -209,8 +209,31 @@ def test_real_test_data_does_not_change_the_student(tmp_path):
     assert plain["selected_step"] == evaluated["selected_step"] and plain["holdout_agreement"] == evaluated["holdout_agreement"]
 
 
-def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    straight = tiny_config(tmp_path / "straight")
+def test_student_ema_is_the_moving_average_of_the_steps_and_is_what_is_kept(tmp_path):
+    """With student_ema d, the kept student is d * average + (1 - d) * weights after each step (the
+    first step copied), not the raw weights; snapshots and selection use it."""
+    from datafree.student import DistillModule
+
+    cfg = tiny_config(tmp_path, "dfq", student_ema=0.5)
+    teacher = load_teacher(BN_TEACHER)
+    module = DistillModule(teacher, create_model("lenet5_half"), create_generator(cfg.generator, 1, 28, 10, **cfg.generator_kwargs), cfg)
+    module.pool.add(torch.randn(64, 1, 28, 28), torch.randn(64, 10))
+    opt = torch.optim.SGD(module.student.parameters(), lr=0.5)
+    raw = []
+    for _ in range(2):
+        module._student_step(opt)
+        raw.append({k: v.detach().clone() for k, v in module.student.named_parameters()})
+    kept = dict(module.kept_student().named_parameters())
+    for name, value in kept.items():
+        assert torch.allclose(value, 0.5 * raw[0][name] + 0.5 * raw[1][name], atol=1e-6), name
+    assert any(not torch.equal(kept[k], raw[1][k]) for k in kept)
+    module._evaluate(0)
+    assert all(torch.equal(module.snapshots[-1][1][k], v) for k, v in module.kept_student().state_dict().items())
+
+
+@pytest.mark.parametrize("extra", [{}, {"student_ema": 0.9}], ids=["plain", "ema"])
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch, extra):
+    straight = tiny_config(tmp_path / "straight", **extra)
     run_distill(straight, progress=False)
 
     original = RunControl.on_train_batch_end
@@ -221,7 +244,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypat
             self.stop_requested = True
             trainer.should_stop = True
 
-    interrupted = tiny_config(tmp_path / "resumed")
+    interrupted = tiny_config(tmp_path / "resumed", **extra)
     monkeypatch.setattr(RunControl, "on_train_batch_end", interrupt_after_round_3)
     with pytest.raises(KeyboardInterrupt):
         run_distill(interrupted, progress=False)
