@@ -61,7 +61,7 @@ class CondenseSettings:
     lr_net: float = 0.01
     net_width: int = 64
     net_depth: int = 3
-    init: str = "real"                    # real | noise | kmeans
+    init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
@@ -235,9 +235,12 @@ def _init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by
     if s.init == "kmeans":
         centres = torch.cat([_kmeans_centres(source.images[idx], per_class, s.seed) for idx in by_class])
         return encode(centres, s.factor), none
-    if s.init != "real":
-        raise UserError(f"unknown initialisation {s.init!r}; use real, noise or kmeans")
-    chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[:per_class]] for idx in by_class])
+    if s.init == "herding":  # real images again, but the class's representative ones instead of random draws
+        chosen = torch.cat([idx[herding_indices(source.images[idx], per_class, s)] for idx in by_class])
+    elif s.init == "real":
+        chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[:per_class]] for idx in by_class])
+    else:
+        raise UserError(f"unknown initialisation {s.init!r}; use real, herding, noise or kmeans")
     return encode(source.images[chosen].clone(), s.factor), chosen
 
 
@@ -471,24 +474,31 @@ def _embed(images: torch.Tensor, s: CondenseSettings) -> np.ndarray:
         return torch.cat([net.forward_features(x) for x in images.split(1024)]).numpy().astype(np.float32)
 
 
+def herding_indices(images: torch.Tensor, k: int, s: CondenseSettings) -> torch.Tensor:
+    """Greedy herding (Welling 2009) of ``k`` of ``images`` (one class): each pick keeps the running
+    mean of the picked features nearest the class mean (features: :func:`_embed`).
+
+    Example:
+        >>> herding_indices(torch.rand(50, 1, 28, 28), 3, CondenseSettings(net_width=8)).shape
+        torch.Size([3])
+    """
+    feats = torch.from_numpy(_embed(images, s))
+    mu, chosen, total = feats.mean(0), [], torch.zeros_like(feats[0])
+    available = torch.ones(len(feats), dtype=torch.bool)
+    for i in range(min(k, len(feats))):
+        gap = ((mu * (i + 1) - total - feats) ** 2).sum(1)
+        gap[~available] = float("inf")
+        j = int(gap.argmin())
+        chosen.append(j)
+        available[j] = False
+        total += feats[j]
+    return torch.tensor(chosen)
+
+
 @register_condenser("herding")
 def herding(source: ImageSet, s: CondenseSettings, progress, **_) -> Condensed:
     """Greedy herding (Welling 2009): pick samples whose running mean tracks the class mean."""
-
-    def pick(x, c):
-        feats = torch.from_numpy(_embed(x, s))
-        mu, chosen, total = feats.mean(0), [], torch.zeros_like(feats[0])
-        available = torch.ones(len(feats), dtype=torch.bool)
-        for i in range(s.ipc):
-            gap = ((mu * (i + 1) - total - feats) ** 2).sum(1)
-            gap[~available] = float("inf")
-            j = int(gap.argmin())
-            chosen.append(j)
-            available[j] = False
-            total += feats[j]
-        return torch.tensor(chosen)
-
-    return _select(source, s, pick)
+    return _select(source, s, lambda x, c: herding_indices(x, s.ipc, s))
 
 
 @register_condenser("kcenter")

@@ -38,7 +38,7 @@ from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, STRICT, b
 from datafree.errors import UserError
 
 CHECKPOINT = "checkpoints/condense.pt"
-INITS = ("real", "noise", "kmeans")
+INITS = ("real", "herding", "noise", "kmeans")
 
 
 @dataclass(config=STRICT)
@@ -60,7 +60,8 @@ class CondenseJob:
     steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
     init: Literal[INITS] = describe(  # type: ignore[valid-type]
-        "start from random real images of each class, noise, or k-means centres", "real")
+        "start from random real images of each class, the class's herding picks (representative real images), noise, "
+        "or k-means centres", "real")
     factor: int = describe("multi-formation: each stored image holds factor x factor smaller images, decoded to full "
                            "size for training (a different storage budget: report it apart)", 1, ge=1)
     real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)

@@ -119,6 +119,16 @@ def test_real_initialisation_starts_from_source_images_of_each_class(tiny_mnist)
     assert len({img.numpy().tobytes() for img in images}) == 30
 
 
+def test_herding_initialisation_starts_from_the_herding_picks(tiny_mnist):
+    """init=herding: the starting images are the ones the herding selector picks for each class
+    (representative, not random: the random-real start differs), and init_source names them."""
+    start = condense(tiny_mnist, "dm", ipc=3, seed=0, iterations=0, net_width=8, real_per_class=8, init="herding")
+    picked = condense(tiny_mnist, "herding", ipc=3, seed=0, net_width=8)
+    assert torch.equal(start.images, picked.images) and torch.equal(start.init_source, picked.init_source)
+    assert not torch.equal(start.images, _initial_images(tiny_mnist, "real", ipc=3))
+    assert torch.equal(tiny_mnist.images[start.init_source], start.images)
+
+
 def test_kmeans_initialisation_gives_class_wise_centres(tiny_mnist):
     """init=kmeans: with one centre per class it is the class mean; with two, each centre is nearer its own class mean."""
     means = torch.stack([tiny_mnist.images[tiny_mnist.labels == c].mean(0) for c in range(10)])
