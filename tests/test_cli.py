@@ -16,6 +16,27 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "datafree.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+class StartedAhead:
+    """Command lines that each run in a process of their own, as a user runs them, one after another from the start of
+    this file's tests, beside the tests that run in this process (most of such a process is its start: python, torch)."""
+
+    def __init__(self, arg_lists, at_once: int = 1):
+        import concurrent.futures
+
+        self.pool = concurrent.futures.ThreadPoolExecutor(at_once)
+        self.runs = {self._key(args): self.pool.submit(run_cli, *args) for args in arg_lists}
+
+    @staticmethod
+    def _key(args) -> tuple[str, ...]:
+        return tuple(map(str, args))
+
+    def result(self, *args) -> subprocess.CompletedProcess:
+        return self.runs[self._key(args)].result()
+
+    def stop(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 # every command and subcommand, with options a user looks for in its help
 COMMANDS = {
     "teacher train": ["--dataset", "--arch", "--epochs", "--out", "--overwrite"],
@@ -42,11 +63,11 @@ def _leaf_parsers(parser, prefix=()):
             yield from _leaf_parsers(child, (*prefix, name))
 
 
-def test_help_lists_the_commands():
+def test_help_lists_the_commands(processes):
     """datafree --help exits 0 and names every top-level command; the parser has exactly the commands listed here."""
     from datafree.cli import build_parser
 
-    out = run_cli("--help")
+    out = processes.result("--help")
     assert out.returncode == 0
     for command in {c.split()[0] for c in COMMANDS}:
         assert command in out.stdout, command
@@ -117,7 +138,7 @@ def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
     assert abs(acc - json.loads(path.with_suffix(".json").read_text())["test_accuracy"]) < 0.02
 
 
-@pytest.mark.parametrize("args,message", [
+USER_ERRORS = [
     (["teacher", "inspect", "missing.safetensors"], "no teacher file"),
     (["teacher", "inspect", "pyproject.toml"], "not a model file"),
     (["teacher", "inspect", str(TEACHERS / "mnist_lenet5.safetensors"), "--arch", "nonet"], "unknown architecture"),
@@ -125,15 +146,29 @@ def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
     (["teacher", "train", "--dataset", "nope", "--out", "x"], "unknown data set"),
     pytest.param(["teacher", "train", "--arch", "nonet", "--out", "x", "--epochs", "0"], "unknown architecture",
                  marks=pytest.mark.real_data),  # the data set is loaded first
-])
-def test_user_errors_are_one_sentence_and_exit_2(args, message):
-    out = run_cli(*args)
+]
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory):
+    """``datafree --help``, each user error below and a pickle teacher: each in its own process, started ahead."""
+    pickled = tmp_path_factory.mktemp("pickle") / "t.pt"
+    torch.save({"w": torch.zeros(1)}, pickled)
+    cases = [case.values[0] if hasattr(case, "values") else case[0] for case in USER_ERRORS]
+    started = StartedAhead([["--help"], *cases, ["teacher", "inspect", pickled]])
+    started.pickled = pickled
+    yield started
+    started.stop()
+
+
+@pytest.mark.parametrize("args,message", USER_ERRORS)
+def test_user_errors_are_one_sentence_and_exit_2(args, message, processes):
+    out = processes.result(*args)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_pickle_teacher_refused_from_the_command_line(tmp_path):
-    torch.save({"w": torch.zeros(1)}, tmp_path / "t.pt")
-    out = run_cli("teacher", "inspect", tmp_path / "t.pt")
+def test_pickle_teacher_refused_from_the_command_line(processes):
+    out = processes.result("teacher", "inspect", processes.pickled)  # a torch.save file
     assert out.returncode == 2 and "never unpickles" in out.stderr and "Traceback" not in out.stderr

@@ -390,11 +390,14 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
     assert "distill run" in capsys.readouterr().err
 
 
-def _condense_cli(source, out, *extra, env=None):
-    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "8",
+def _condense_args(source, out, *extra):
+    return ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "8",
             "--real-per-class", "16", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
-    return subprocess.Popen([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+
+
+def _condense_cli(source, out, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "datafree.cli", *_condense_args(source, out, *extra)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_progress(path, done, proc, timeout=180):
@@ -409,17 +412,20 @@ def _wait_for_progress(path, done, proc, timeout=180):
     raise AssertionError(f"no progress to {done} (exit status {proc.poll()})")
 
 
-def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
+def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tmp_path, capsys):
     """datafree condense stopped (Ctrl-C), resumed, SIGKILLed mid-run and resumed again ends with the uninterrupted run's images."""
     import numpy as np
 
     source = tmp_path / "mnist200.npz"  # 20 real digits a class: quick to load in each process
     pixels = (tiny_mnist.spec.denormalize(tiny_mnist.images)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
     np.savez(source, x=pixels.numpy(), y=tiny_mnist.labels.numpy())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the processes below
+    try:
+        assert main(_condense_args(source, tmp_path / "straight")) == 0, capsys.readouterr().err  # the uninterrupted run, here
+    finally:
+        torch.set_num_threads(threads)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    straight = _condense_cli(source, tmp_path / "straight", env=env)
-    _, stderr = straight.communicate(timeout=300)
-    assert straight.returncode == 0, stderr
 
     out, progress = tmp_path / "killed", tmp_path / "progress.json"
     env = dict(env, DATAFREE_PROGRESS_FILE=str(progress))
@@ -474,18 +480,22 @@ def test_the_method_choices_are_the_registry():
     assert set(CONDENSE_METHODS) == set(CONDENSERS)
 
 
-def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path):
+def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path, capsys):
     """--devices 2: the classes are split across two processes (Lightning Fabric, gloo); the images equal one process's."""
     source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     outs = {}
-    for devices in (1, 2):
+    for devices in (2, 1):  # two processes from the command line; one: the same command in this process
         out = tmp_path / f"d{devices}"
         args = ["condense", "--source", str(source), "--method", "dsa", "--ipc", "2", "--steps", "2", "--outer-loop", "2",
                 "--inner-loop", "1", "--net-width", "8", "--real-per-class", "8", "--devices", str(devices), "--out", str(out),
                 "--no-progress"]
-        done = subprocess.run([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        if devices == 1:
+            capsys.readouterr()
+            done = subprocess.CompletedProcess(args, main(args), *capsys.readouterr())
+        else:
+            done = subprocess.run([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                                  text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert len(done.stdout.strip().splitlines()) == 1  # only the main process reports
         outs[devices], _, manifest = load_image_set(out)

@@ -372,7 +372,17 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_kill_then_resume_from_the_command_line(tmp_path):
+def _resume_in_process(out, steps, capsys) -> dict:
+    """``datafree distill --out OUT --resume --steps N`` through the command line's own ``main``, in this process (the
+    killed or stopped run was a process of its own; its resume needs only what that run left on disk)."""
+    from datafree.cli import main
+
+    capsys.readouterr()
+    assert main(["distill", "--out", str(out), "--resume", "--steps", str(steps), "--no-progress"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_kill_then_resume_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "killed"
     args = ["--out", out, "--steps", 400, "--batch-size", 32, "--student-steps", 1, "--checkpoint-every", 2,
             "--eval-every", 2, "--no-eval", "--no-progress"]
@@ -386,13 +396,10 @@ def test_kill_then_resume_from_the_command_line(tmp_path):
     assert (out / "checkpoints/last.ckpt").exists() and not (out / "summary.json").exists()
     saved = torch.load(out / "checkpoints/last.ckpt", weights_only=True)["datafree"]["rounds"]
     assert saved >= 2
-    done = _cli("--out", out, "--resume", "--steps", saved + 4, "--no-progress")
-    stdout, stderr = done.communicate(timeout=300)
-    assert done.returncode == 0, stderr
-    assert json.loads(stdout)["steps"] == saved + 4
+    assert _resume_in_process(out, saved + 4, capsys)["steps"] == saved + 4
 
 
-def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path):
+def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, capsys):
     """Ctrl-C saves a checkpoint and exits 130; --resume goes on from the checkpoint's round (not round 0) and finishes."""
     out = tmp_path / "interrupted"
     proc = _cli("--out", out, "--steps", 400, "--batch-size", 32, "--student-steps", 1, "--checkpoint-every", 50,
@@ -409,10 +416,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path):
     before = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert before and all(r["step"] <= saved for r in before)  # nothing logged past the round it stopped at
 
-    done = _cli("--out", out, "--resume", "--steps", saved + 3, "--no-progress")
-    stdout, stderr = done.communicate(timeout=300)
-    assert done.returncode == 0, stderr
-    assert json.loads(stdout)["steps"] == saved + 3
+    assert _resume_in_process(out, saved + 3, capsys)["steps"] == saved + 3
     after = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert after[:len(before)] == before  # the rounds before the Ctrl-C were kept, not recomputed
     rounds = [r["step"] for r in after if r["kind"] == "round"]
@@ -432,6 +436,21 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     assert sync and sync[0]["world_size"] == 2 and len(set(sync[0]["student_checksums"])) == 1
 
 
+def _mnist_with_a_smaller_test_split(root, count: int):
+    """A data root whose MNIST test split is the real one's first ``count`` images (the training files are links to the
+    real ones): the same files, loader and normalisation as ``mnist``, at a fraction of the evaluation's cost."""
+    from datafree.data import data_root
+
+    real, raw = data_root() / "MNIST" / "raw", root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (raw / name).symlink_to(real / name)
+    for name, header, size in (("t10k-images-idx3-ubyte", 16, 28 * 28), ("t10k-labels-idx1-ubyte", 8, 1)):
+        data = (real / name).read_bytes()  # big-endian header: magic, count, (rows, columns); then the items
+        (raw / name).write_bytes(data[:4] + count.to_bytes(4, "big") + data[8:header] + data[header:header + count * size])
+    return root
+
+
 @pytest.mark.real_data
 def test_pt2_teacher_of_another_zoo_arch(tmp_path):
     """A resnet8 teacher handed over as .pt2 ([0, 1] inputs): BN taps work and the report evaluates in its space."""
@@ -440,12 +459,15 @@ def test_pt2_teacher_of_another_zoo_arch(tmp_path):
     with torch.no_grad():
         model(torch.randn(64, 1, 28, 28))
     export_program(model.eval(), dataset_spec("mnist"), tmp_path / "r8.pt2", {"arch": "resnet8"})
-    summary = run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "r8.pt2"), eval_data="mnist"), progress=False)
+    data = _mnist_with_a_smaller_test_split(tmp_path / "data", 2000)  # the resnet8 teacher is slow on all 10,000
+    summary = run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "r8.pt2"), eval_data="mnist", data_dir=str(data)),
+                          progress=False)
     assert summary["steps"] == 6
-    # the reported accuracy is the saved student's, re-measured here on the real MNIST test set
+    # the reported accuracy is the saved student's, re-measured here on the (first 2,000 of the) real MNIST test set
     from datafree.data import InputSpec, load_dataset
 
-    test = load_dataset("mnist", train=False)
+    test = load_dataset("mnist", train=False, data_dir=data)
+    assert len(test) == 2000 and torch.equal(test.images, load_dataset("mnist", train=False).images[:2000])
     student, card = load_model(tmp_path / "run/student.safetensors")
     spec = InputSpec.from_dict(card["input_spec"])
     assert spec.mean != test.spec.mean  # the .pt2 teacher (and so the student) takes [0, 1] pixels, not MNIST-normalised images

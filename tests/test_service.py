@@ -32,18 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(store: Path, port: int, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """``datafree serve`` on ``store`` in a new process (not waited for); its output goes to a log next to the store.
+    (Its jobs inherit OMP_NUM_THREADS from the test session: one torch thread each, see ../conftest.py.)"""
+    env = dict(os.environ, DATAFREE_TOKEN=TOKEN)
+    log_path = store.parent / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "datafree.cli", "serve", "--port", str(port), "--store", str(store), *extra],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, log_path
+
+
 class Server:
     def __init__(self, store: Path, *extra: str):
         self.store, self.port = store, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, DATAFREE_TOKEN=TOKEN)
-        self.log = open(store.parent / f"server-{self.port}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "datafree.cli", "serve", "--port", str(self.port), "--store", str(store),
-                                      *extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc, self.log_path = _serve(store, self.port, *extra)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(store.parent / f'server-{self.port}.log').read_text()}")
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
                     break
@@ -56,12 +64,11 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=60)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("svc") / "store", "--max-upload-mb", "2")
+    s = Server(tmp_path_factory.mktemp("svc") / "store", "--max-upload-mb", "2", "--workers", "3")  # jobs run side by side
     yield s
     s.stop()
 
@@ -146,7 +153,21 @@ def test_malformed_job_requests_name_the_field(server, teacher_id):
 
 
 @pytest.fixture(scope="module")
-def finished_distill(server, teacher_id):
+def mnist_condensation(server):
+    """The id of a condense job of real MNIST digits (None without the real data), for the derived-jobs test; submitted
+    before the distill job below, so that it runs beside it."""
+    from conftest import _real_data_reason
+
+    if _real_data_reason():  # the test that uses it is skipped then
+        return None
+    r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {
+        "source": "mnist", "ipc": 1, "method": "dm", "steps": 2, "net_width": 8, "real_per_class": 4}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def finished_distill(server, teacher_id, mnist_condensation):
     r = server.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": teacher_id, "steps": 12, **TINY_DISTILL}})
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -189,15 +210,17 @@ def test_artifact_names_cannot_escape(server, finished_distill):
 
 
 @pytest.mark.real_data
-def test_derived_jobs_audit_export_condense(server, finished_distill):
+def test_derived_jobs_audit_export_condense(server, finished_distill, mnist_condensation):
     distill_id, _ = finished_distill
+    condense = {"id": mnist_condensation}  # submitted with the distill job
     audit = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id}}).json()
     export = server.client.post("/v1/jobs", json={"kind": "export", "config": {"job": distill_id}}).json()
-    condense = server.client.post("/v1/jobs", json={"kind": "condense", "config": {
-        "source": "mnist", "ipc": 1, "method": "dm", "steps": 2, "net_width": 8, "real_per_class": 4}}).json()
     r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "job:0123456789ab", "ipc": 1}})
     assert r.status_code == 422 and "source" in r.json()["detail"]
-    for job in (audit, export, condense):
+    assert _wait(server.client, condense["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{condense['id']}").json()
+    evaluate = server.client.post("/v1/jobs", json={"kind": "evaluate", "config": {  # runs beside audit and export
+        "job": condense["id"], "arch": "lenet5", "models": 2, "epochs": 60}}).json()
+    for job in (audit, export):
         assert _wait(server.client, job["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{job['id']}").json()
     report = server.client.get(f"/v1/jobs/{audit['id']}/artifacts/audit.json").json()
     assert report["schema"] == "datafree-audit/1"
@@ -208,8 +231,6 @@ def test_derived_jobs_audit_export_condense(server, finished_distill):
     z = zipfile.ZipFile(io.BytesIO(server.client.get(f"/v1/jobs/{condense['id']}/artifacts/condensed.zip").content))
     assert {"dataset.safetensors", "manifest.json", "train/metadata.jsonl"} <= set(z.namelist())
     assert server.client.post(f"/v1/jobs/{audit['id']}/cancel").status_code == 409
-    evaluate = server.client.post("/v1/jobs", json={"kind": "evaluate", "config": {
-        "job": condense["id"], "arch": "lenet5", "models": 2, "epochs": 60}}).json()
     assert _wait(server.client, evaluate["id"])["state"] == "succeeded"
     result = server.client.get(f"/v1/jobs/{evaluate['id']}/artifacts/evaluation.json").json()
     assert result["protocol"]["arch"] == "lenet5" and result["protocol"]["models"] == 2 and result["protocol"]["epochs"] == 60
@@ -244,14 +265,19 @@ def test_sigkill_mid_job_then_restart_resumes_and_keeps_everything(tmp_path):
     a running job without one is marked interrupted with the reason, and finished jobs are untouched."""
     store = tmp_path / "store"
     first = Server(store, "--workers", "2")
-    with pytest.raises(RuntimeError, match="another datafree server"):
-        Server(store)  # a second server on the same store refuses to start
+    refused, refused_log = _serve(store, _free_port())  # a second server on the same store, checked below while a job runs
     tid = _upload(first.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json").json()["id"]
     done = first.client.post("/v1/jobs", json={"kind": "distill", "config": {"teacher": tid, "steps": 4, **TINY_DISTILL}}).json()
+    try:
+        refused.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        refused.kill()
+        raise AssertionError("a second server on the same store did not refuse to start") from None
+    assert refused.returncode != 0 and "another datafree server" in refused_log.read_text()  # it refused to start
     assert _wait(first.client, done["id"])["state"] == "succeeded"
     kept = {p: p.read_bytes() for p in (store / "jobs" / done["id"] / "run").rglob("*") if p.is_file()}
     job = first.client.post("/v1/jobs", json={"kind": "distill", "config": {
-        "teacher": tid, "steps": 100, **TINY_DISTILL}}).json()  # steps, not a time budget: a loaded machine must not end it early
+        "teacher": tid, "steps": 80, **TINY_DISTILL}}).json()  # steps, not a time budget: a loaded machine must not end it early
     unsaved = first.client.post("/v1/jobs", json={"kind": "distill", "config": {  # never reaches a checkpoint
         "teacher": tid, "steps": 100000, "time_budget": "10m", **TINY_DISTILL, "checkpoint_every": 100000}}).json()
     run = store / "jobs" / job["id"] / "run"
@@ -403,25 +429,27 @@ def test_sigterm_mid_job_saves_then_restart_resumes_where_it_stopped(tmp_path):
     store = tmp_path / "store"
     first = Server(store)
     tid = _upload(first.client, TEACHERS / "mnist_lenet5.safetensors", TEACHERS / "mnist_lenet5.json").json()["id"]
-    steps = 200  # long enough to be stopped mid-job (a round takes ~0.1 s here alone; progress is written every second)
+    # long enough to be stopped mid-job: the stop comes a few rounds after the 5th (a round takes ~0.1 s here alone,
+    # and the metrics line of round 5 is written as that round ends, unlike the progress file, written every second)
+    steps = 100
     job = first.client.post("/v1/jobs", json={"kind": "distill", "config": {
         "teacher": tid, "steps": steps, **TINY_DISTILL, "checkpoint_every": 100000}}).json()
     folder = store / "jobs" / job["id"]
     metrics, ckpt = folder / "run" / "metrics.jsonl", folder / "run" / "checkpoints" / "last.ckpt"
 
-    def rounds_done():
+    def rounds_logged():  # the last round with a metrics line (eval_every 5: a line at round 5, 10, ...)
         try:
-            return json.loads((folder / "progress.json").read_text())["done"] or 0
+            return max((json.loads(l)["step"] for l in metrics.read_text().splitlines()), default=0)
         except (OSError, ValueError, KeyError):
             return 0
 
     deadline = time.monotonic() + 120
-    while rounds_done() < 3 and time.monotonic() < deadline:
+    while rounds_logged() < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    stopped_at = rounds_done()
-    assert 3 <= stopped_at < steps and not ckpt.exists()  # mid-job, and no periodic checkpoint was due
+    stopped_at = rounds_logged()
+    assert 5 <= stopped_at < steps and not ckpt.exists()  # mid-job, and no periodic checkpoint was due
     first.stop(signal.SIGTERM)
-    assert first.proc.returncode == 0, (store.parent / f"server-{first.port}.log").read_text()[-2000:]
+    assert first.proc.returncode == 0, first.log_path.read_text()[-2000:]
     saved = int(torch.load(ckpt, weights_only=True)["datafree"]["rounds"])
     assert stopped_at <= saved < steps  # saved where it stopped: the round running at the signal at most
     row = sqlite3.connect(store / "datafree.db").execute("SELECT state, resume FROM jobs WHERE id = ?", (job["id"],)).fetchone()
