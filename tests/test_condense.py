@@ -391,7 +391,9 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
 
 
 def _condense_args(source, out, *extra):
-    return ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "8",
+    # width 64: an iteration takes ~0.5 s, so a quiet machine cannot finish the 20 before the test's Ctrl-C or kill
+    # lands (at width 8 the whole run took under a second there, and the interrupted run ended normally)
+    return ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "64",
             "--real-per-class", "16", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
 
 
