@@ -88,8 +88,9 @@ class DistillConfig:
     student_batch: int = describe("pool samples per student step", 256, ge=1)
     kd_temperature: float = describe("temperature of the student's KD loss", 4.0, gt=0)
     kd_alpha: float = describe("weight of cross-entropy on the teacher's argmax beside KD", 0.0, ge=0)
-    knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets) and rkd "
-                               "(relational KD), e.g. {rkd: 1.0}; needs the teacher's features", default_factory=dict)
+    knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets), attention "
+                               "(attention transfer) and rkd (relational KD), e.g. {rkd: 1.0}; needs the teacher's features",
+                               default_factory=dict)
     student_loss: Literal[STUDENT_LOSSES] = describe("the student's loss on teacher logits: kl, or l1 as DFAD", "kl")  # type: ignore[valid-type]
     student_ema: float = describe("decay of an exponential moving average of the student's weights, which is then the "
                                   "student evaluated and kept (0: off, the raw weights)", 0.0, ge=0, lt=1)

@@ -5,8 +5,10 @@ cannot pool their data). :class:`TeacherEnsemble` behaves as one :class:`~datafr
 for synthesis and distillation:
 
 - its logits are ``log(mean_i softmax(z_i))``, so its softmax is the members' averaged soft targets;
-- its BN taps are those of every member that has BN statistics (each member's BN prior counts);
-- its penultimate features are the first member's that has them (TorchScript members have none);
+- its BN taps are those of every member that has BN statistics, each marked with its member: the
+  BN prior is the mean of the members' priors;
+- its penultimate features (and spatial map) are the first member's that has them (TorchScript
+  members have none);
 - members may normalise differently: images are given in the first member's input space and
   converted into each member's own.
 
@@ -21,6 +23,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -48,6 +51,7 @@ class TeacherEnsemble(nn.Module):
         self.bn_note = (f"teachers {', '.join(map(str, without))} have no readable BN statistics; the BN prior uses the others"
                         if without and self.bn_names else "")
         self._taps: list[BNTap] = []
+        self._spatial: torch.Tensor | None = None
 
     def train(self, mode: bool = True):
         """Always eval, as each member."""
@@ -66,19 +70,24 @@ class TeacherEnsemble(nn.Module):
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The log of the members' mean softmax, and the first member's features that exist."""
-        log_probs, features, taps = [], None, []
-        for m in self.members:
+        log_probs, features, taps, self._spatial = [], None, [], None
+        for i, m in enumerate(self.members):
             mine = x if m.spec == self.spec else m.spec.normalize(self.spec.denormalize(x))
             feats, logits = m.forward_with_features(mine)
             log_probs.append(torch.log_softmax(logits, dim=1))
-            features = feats if features is None else features
-            taps += m.bn_taps()
+            if features is None and feats is not None:
+                features, self._spatial = feats, m.spatial_map()
+            taps += [dataclasses.replace(t, member=i) for t in m.bn_taps()]
         self._taps = taps
         return features, torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
 
     def bn_taps(self) -> list[BNTap]:
         """The BN statistics every member recorded in the last forward."""
         return list(self._taps)
+
+    def spatial_map(self) -> torch.Tensor | None:
+        """The spatial map of the member whose features the last forward gave."""
+        return self._spatial
 
     def class_similarity(self) -> torch.Tensor | None:
         """The mean of the members' class similarities (those that have one)."""

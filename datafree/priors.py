@@ -49,6 +49,10 @@ def bn_layer_losses(taps: list[BNTap]) -> list[torch.Tensor]:
 class BNStatistics:
     """The BN prior with its options: extra weight on the first layer, momentum blend across batches.
 
+    The prior sums its layers' losses; for an ensemble it is the mean of the members' sums (each
+    member's first layer gets the extra weight), so it weighs as much against the other priors as
+    one teacher's does, the scale the presets' weights were set for.
+
     With ``momentum`` m > 0 the batch statistics are blended with those of earlier batches,
     ``m * previous.detach() + (1 - m) * current`` (as in Fast / CMI), which matches the running
     statistics over many small batches instead of forcing each batch to match alone.
@@ -68,19 +72,21 @@ class BNStatistics:
         if self.momentum > 0:
             taps = [self._blend(t) for t in taps]
         losses = bn_layer_losses(taps)
-        weights = [self.first_layer_weight] + [1.0] * (len(losses) - 1)
-        total = sum(w * l for w, l in zip(weights, losses))
+        members = sorted({t.member for t in taps})
+        firsts = {next(i for i, t in enumerate(taps) if t.member == m) for m in members}
+        weights = [self.first_layer_weight if i in firsts else 1.0 for i in range(len(taps))]
+        total = sum(w * l for w, l in zip(weights, losses)) / len(members)  # an ensemble: the members' mean
         return total, [l.item() for l in losses]
 
     def _blend(self, tap: BNTap) -> BNTap:
-        m = self.momentum
-        if tap.name in self.previous:
-            pm, pv = self.previous[tap.name]
+        m, key = self.momentum, f"{tap.member}/{tap.name}"
+        if key in self.previous:
+            pm, pv = self.previous[key]
             mean, var = m * pm + (1 - m) * tap.mean, m * pv + (1 - m) * tap.var
         else:
             mean, var = tap.mean, tap.var
-        self.previous[tap.name] = (mean.detach(), var.detach())
-        return BNTap(tap.name, mean, var, tap.running_mean, tap.running_var)
+        self.previous[key] = (mean.detach(), var.detach())
+        return BNTap(tap.name, mean, var, tap.running_mean, tap.running_var, tap.member)
 
 
 def onehot(batch: SynthesisBatch) -> torch.Tensor:

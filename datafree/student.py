@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datafree.config import DistillConfig, parse_duration
-from datafree.knowledge import Hint, knowledge_terms
+from datafree.knowledge import Hint, SpatialTap, knowledge_terms
 from datafree.synthesis import SamplePool, Synthesizer
 from datafree.teacher import Teacher
 from datafree.training import predict
@@ -99,7 +99,7 @@ class DistillModule(L.LightningModule):
 
             self.ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.student_ema), use_buffers=True)
             self.ema.requires_grad_(False)
-        self.knowledge, self.hint = self._knowledge_terms(teacher, student, cfg, notify)
+        self.knowledge, self.hint, self.student_spatial = self._knowledge_terms(teacher, student, cfg, notify)
         self.rng = torch.Generator()
         self.rng.manual_seed(cfg.seed)
         self.log_fn = log or (lambda record: None)
@@ -113,20 +113,29 @@ class DistillModule(L.LightningModule):
         self.schedule: dict | None = None  # what fit_schedule measured and chose (or "fixed"), kept in checkpoints
 
     @staticmethod
-    def _knowledge_terms(teacher, student, cfg, notify) -> tuple[dict, Hint | None]:
-        """The knowledge terms this teacher and student allow, and the hint's projection (sized by a dry pass)."""
+    def _knowledge_terms(teacher, student, cfg, notify) -> tuple[dict, Hint | None, SpatialTap | None]:
+        """The knowledge terms this teacher and student allow, the hint's projection (sized by a dry
+        pass) and the tap on the student's spatial map (for attention transfer)."""
         wanted = {k: w for k, w in cfg.knowledge.items() if w}
         if not wanted:
-            return {}, None
+            return {}, None, None
         if not teacher.has_features or not hasattr(student, "forward_features"):
             who = "the teacher hides its features (TorchScript)" if not teacher.has_features else "the student exposes no features"
             notify(f"note: {who}; the knowledge terms {', '.join(sorted(wanted))} are off, logits only")
-            return {}, None
+            return {}, None, None
+        tap = SpatialTap(student) if "attention" in wanted else None
         with torch.no_grad():
             probe = torch.zeros(2, *teacher.input_shape)
             t_dim = teacher.forward_with_features(probe)[0].flatten(1).shape[1]
             s_dim = student.forward_features(probe).flatten(1).shape[1]
-        return wanted, Hint(s_dim, t_dim) if "hint" in wanted else None
+            if tap is not None and (teacher.spatial_map() is None or tap.value is None):
+                who = "the teacher" if teacher.spatial_map() is None else "the student"
+                notify(f"note: {who} has no spatial layer (4-D, at least 2 x 2); attention transfer is off")
+                wanted.pop("attention")
+                tap = None
+        if not wanted:
+            return {}, None, None
+        return wanted, Hint(s_dim, t_dim) if "hint" in wanted else None, tap
 
     # --- optimisers ------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -244,7 +253,9 @@ class DistillModule(L.LightningModule):
                 t_feats, t = self.teacher.forward_with_features(x)
             s_feats = self.student.forward_features(x)
             loss = kd_loss(self.student.head(s_feats), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
-            loss = loss + sum(knowledge_terms(self.knowledge, s_feats, t_feats, self.hint).values())
+            t_map = self.teacher.spatial_map()
+            s_map = self.student_spatial.value if self.student_spatial is not None else None
+            loss = loss + sum(knowledge_terms(self.knowledge, s_feats, t_feats, self.hint, s_map, t_map).values())
         else:
             if changed:
                 with torch.no_grad():

@@ -4,7 +4,8 @@ A model owner can hand over a teacher in three forms, none of which needs their 
 
 1. ``NAME.safetensors`` + ``NAME.json`` card (or an arch name from the zoo): full access;
 2. a ``torch.export`` program (``.pt2``): the graph's batch-norm nodes are tapped, so BN-based
-   synthesis works; the input of the last linear layer serves as the penultimate features;
+   synthesis works; the input of the last linear layer serves as the penultimate features, the last
+   node with a spatial (4-D, at least 2 x 2) value as the map attention transfer reads;
 3. TorchScript: logits only (hooks cannot be attached); BN-based methods refuse it.
 
 Pickle files (``torch.save`` checkpoints) are refused: they are never unpickled.
@@ -31,6 +32,7 @@ from torch import nn
 from datafree.data import InputSpec, dataset_spec
 from datafree.errors import UserError
 from datafree.io import load_tensors, save_tensors, sha256_file, write_json
+from datafree.knowledge import SpatialTap
 from datafree.models import Classifier, count_parameters, create_model
 
 CARD_FORMAT = "datafree-model/1"
@@ -45,6 +47,7 @@ class BNTap:
     var: torch.Tensor
     running_mean: torch.Tensor
     running_var: torch.Tensor
+    member: int = 0  # which teacher of an ensemble (each member's BN prior counts once)
 
 
 class _TapRecorder:
@@ -53,9 +56,10 @@ class _TapRecorder:
     def __init__(self):
         self.taps: list[BNTap] = []
         self.features: torch.Tensor | None = None
+        self.spatial: torch.Tensor | None = None
 
     def reset(self):
-        self.taps, self.features = [], None
+        self.taps, self.features, self.spatial = [], None, None
 
     def record(self, name, x, running_mean, running_var):
         dims = [0] + list(range(2, x.dim()))
@@ -72,6 +76,8 @@ class _GraphTap(nn.Module):
     def forward(self, x, running_mean=None, running_var=None):
         if self.kind == "bn":
             self.recorder.record(self.name, x, running_mean, running_var)
+        elif self.kind == "spatial":
+            self.recorder.spatial = x
         else:
             self.recorder.features = x
         return x
@@ -92,8 +98,10 @@ class Teacher(nn.Module):
         self.bn_names = bn_names or []
         self.no_bn_reason = no_bn_reason
         self.fixed_batch = batch_size
+        self._spatial = None  # a zoo model's SpatialTap (a .pt2 program records its map in the recorder)
         if isinstance(module, Classifier):
             self._hook_zoo_model(module)
+            self._spatial = SpatialTap(module)
         self.train(False)
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -132,6 +140,7 @@ class Teacher(nn.Module):
         self._check_input(x)
         self.recorder.reset()
         if isinstance(self.module, Classifier):
+            self._spatial.value = None
             feats = self.module.forward_features(x)
             return feats, self.module.head(feats)
         if self.fixed_batch and x.shape[0] != self.fixed_batch:
@@ -142,6 +151,10 @@ class Teacher(nn.Module):
     def bn_taps(self) -> list[BNTap]:
         """The BN statistics recorded by the last forward (empty when the teacher has no BN)."""
         return list(self.recorder.taps)
+
+    def spatial_map(self) -> torch.Tensor | None:
+        """The last spatial activation of the last forward (None for TorchScript, or a net without one)."""
+        return self._spatial.value if self._spatial is not None else self.recorder.spatial
 
     def class_similarity(self) -> torch.Tensor | None:
         """K x K cosine similarity of the final layer's class weight vectors, rescaled to [0, 1] per
@@ -197,11 +210,12 @@ class Teacher(nn.Module):
         b, n = self.fixed_batch, x.shape[0]
         pad = (-n) % b
         xp = torch.cat([x, x[:pad]]) if pad else x
-        outs, feats, per_chunk = [], [], []
+        outs, feats, maps, per_chunk = [], [], [], []
         for chunk in xp.split(b):
             self.recorder.reset()
             outs.append(self.module(chunk))
             feats.append(self.recorder.features)
+            maps.append(self.recorder.spatial)
             per_chunk.append(self.recorder.taps)
         pooled = []
         for layer in zip(*per_chunk):
@@ -209,6 +223,7 @@ class Teacher(nn.Module):
             second = torch.stack([t.var + t.mean ** 2 for t in layer]).mean(0)
             pooled.append(BNTap(layer[0].name, mean, second - mean ** 2, layer[0].running_mean, layer[0].running_var))
         self.recorder.taps = pooled
+        self.recorder.spatial = torch.cat(maps)[:n] if maps and maps[0] is not None else None
         logits = torch.cat(outs)[:n]
         return (torch.cat(feats)[:n] if feats and feats[0] is not None else None), logits
 
@@ -413,7 +428,8 @@ LINEAR_OPS = ("aten.linear", "aten.addmm")
 
 
 def _insert_graph_taps(gm: torch.fx.GraphModule, recorder: _TapRecorder) -> list[str]:
-    """Put a recording module in front of every batch-norm node and the last linear node."""
+    """Put a recording module in front of every batch-norm node and the last linear node, and one
+    after the last node whose value is spatial (4-D, at least 2 x 2)."""
     graph, names = gm.graph, []
     bn_nodes = [n for n in graph.nodes if n.op == "call_function" and any(op in str(n.target) for op in BN_OPS)]
     for i, node in enumerate(bn_nodes):
@@ -431,9 +447,19 @@ def _insert_graph_taps(gm: torch.fx.GraphModule, recorder: _TapRecorder) -> list
         with graph.inserting_before(last):
             tapped = graph.call_module("_datafree_feature_tap", (last.args[index],))
         last.update_arg(index, tapped)
+    spatial = [n for n in graph.nodes if n.op == "call_function" and _is_spatial(n.meta.get("val"))]
+    if spatial:
+        gm.add_submodule("_datafree_spatial_tap", _GraphTap(recorder, "spatial", "spatial"))
+        with graph.inserting_after(spatial[-1]):
+            graph.call_module("_datafree_spatial_tap", (spatial[-1],))
     graph.lint()
     gm.recompile()
     return names
+
+
+def _is_spatial(value) -> bool:
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) == 4 and all(isinstance(s, int) and s >= 2 for s in shape[2:])
 
 
 def _source_name(node, i: int) -> str:

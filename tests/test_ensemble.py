@@ -38,6 +38,12 @@ def test_every_member_with_bn_statistics_feeds_the_bn_prior():
     assert len(both.bn_taps()) == 2 * len(single.bn_taps()) > 0
     assert len(with_one.bn_taps()) == len(single.bn_taps()) and "teachers 1 have no readable BN" in with_one.bn_note
     assert not load_teachers([LENET_NOBN, LENET_NOBN]).has_bn
+    from datafree.priors import BNStatistics
+
+    prior = BNStatistics(first_layer_weight=3.0, momentum=0.5)
+    twice, once = prior(both.bn_taps())[0], BNStatistics(3.0, 0.5)(single.bn_taps())[0]
+    assert torch.allclose(twice, once)  # the members' mean: two copies weigh as one teacher, first layers each x3
+    assert {t.member for t in both.bn_taps()} == {0, 1} and len(prior.previous) == 2 * len(single.bn_taps())
 
 
 def test_teachers_that_disagree_are_refused_in_one_sentence(tmp_path):
@@ -96,13 +102,36 @@ def test_relational_terms_compare_structure_not_scale():
     assert rkd_loss(torch.randn(16, 4), t).item() > 0.1
 
 
+def test_attention_maps_compare_where_the_energy_is_not_its_scale_or_channels():
+    from datafree.knowledge import attention_loss
+
+    where = torch.zeros(4, 1, 6, 6)
+    where[:, :, :4] = 1.0  # the energy is in the top four rows
+    a = where.expand(4, 8, 6, 6) * torch.rand(4, 8, 1, 1).add(0.5)  # channels of different strengths
+    assert attention_loss(a * 5.0, a).item() < 1e-9  # scale-free
+    assert attention_loss(where.expand(4, 3, 6, 6), a).item() < 1e-9  # channel counts may differ
+    assert attention_loss(torch.nn.functional.avg_pool2d(a, 2), a).item() < 1e-9  # sizes pooled to the smaller
+    assert attention_loss(a.flip(2), a).item() > 10.0  # energy moved to the bottom rows
+
+
+@pytest.mark.parametrize("path", [LENET, OWNER_PT2], ids=["safetensors", "pt2"])
+def test_the_teachers_last_spatial_map_is_reachable_in_both_forms(path):
+    teacher = load_teacher(path)
+    x = torch.randn(3, *teacher.input_shape)
+    teacher(x)
+    first = teacher.spatial_map()
+    assert first is not None and first.dim() == 4 and first.shape[0] == 3 and min(first.shape[2:]) >= 2
+    teacher(x[:2] * 2)
+    assert teacher.spatial_map().shape[0] == 2  # refreshed by every forward, not kept from the last
+
+
 def test_knowledge_terms_train_with_the_student_and_are_recorded(tmp_path):
     from datafree.student import DistillModule
 
     cfg = resolve_distill_config("dfq", overrides={"teacher": LENET, "out": str(tmp_path / "run"), **TINY,
-                                                   "knowledge": {"hint": 1.0, "rkd": 1.0}})
+                                                   "knowledge": {"hint": 1.0, "attention": 2.0, "rkd": 1.0}})
     summary = run_distill(cfg, progress=False)
-    assert summary["knowledge"] == ["logits (KD)", "hint x1", "rkd x1"]
+    assert summary["knowledge"] == ["logits (KD)", "attention x2", "hint x1", "rkd x1"]
     teacher = load_teacher(LENET)
     from datafree.models import create_model
 
@@ -111,6 +140,10 @@ def test_knowledge_terms_train_with_the_student_and_are_recorded(tmp_path):
     generator = create_generator("dcgan", 1, 28, 10, latent_dim=8, width=8)
     module = DistillModule(teacher, create_model("lenet5_half"), generator, cfg, notify=lambda m: None)
     assert module.hint is not None and module.hint.project.in_features == 42 and module.hint.project.out_features == 84
+    x = torch.randn(8, 1, 28, 28)
+    teacher.forward_with_features(x)
+    module.student.forward_features(x)
+    assert tuple(module.student_spatial.value.shape) == (8, 8, 5, 5) and tuple(teacher.spatial_map().shape) == (8, 16, 5, 5)
     assert {id(p) for p in module.hint.parameters()} <= {id(p) for g in module.configure_optimizers()[1].param_groups
                                                           for p in g["params"]}  # the student's optimiser trains the projection
 
