@@ -8,6 +8,11 @@ Registry by name:
   in between;
 - ``dsa``: ``dc`` with differentiable siamese augmentation (:mod:`datafree.augment`);
 - ``dm``: distribution matching (mean embeddings of randomly initialised networks, with DSA);
+- ``gm_pool``: gradient matching with DSA over a *pool* of networks whose real side is cached: random
+  networks and early snapshots of networks trained on the real data (as IDM, Zhao et al. 2023, keeps
+  a queue of partly trained networks); for each network, class and augmentation draw the real
+  gradient is computed once, so a matching step is a forward/backward of the synthetic images only;
+  the oldest network is replaced every ``refresh_every`` steps;
 - baselines ``random``, ``herding`` and ``kcenter`` (faiss), which select real images.
 
 Example:
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datafree.augment import SiameseAugment, families_for
-from datafree.config import DEFAULT_CONDENSE_METHOD
+from datafree.config import DEFAULT_CONDENSE_METHOD, MATCHING_METHODS
 from datafree.data import ImageSet, InputSpec  # noqa: F401  (InputSpec: docstring example)
 from datafree.errors import UserError
 from datafree.io import atomic_path
@@ -63,6 +68,10 @@ class CondenseSettings:
     net_depth: int = 3
     init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
+    pool_size: int = 8                    # gm_pool: networks in the pool
+    refresh_every: int = 20               # gm_pool: matching steps between replacing the oldest network
+    aug_draws: int = 4                    # gm_pool: cached augmentation draws per network and class
+    pool_train_steps: int = 100           # gm_pool: a pool network is trained on the real data for 0..this many steps
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0
@@ -111,10 +120,13 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
 
 def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
     """Refuse, in one sentence, settings this source cannot take (checked before any file is written)."""
+    if s.pool_size < 1 or s.aug_draws < 1 or s.refresh_every < 1:
+        raise UserError(f"the network pool needs at least one network, draw and step between refreshes "
+                        f"(pool_size {s.pool_size}, aug_draws {s.aug_draws}, refresh_every {s.refresh_every})")
     if s.factor < 1 or source.spec.size % s.factor:
         raise UserError(f"factor {s.factor} does not divide the image size {source.spec.size}")
-    if s.factor > 1 and method not in ("dc", "dsa", "dm"):
-        raise UserError(f"factor applies to the matching methods (dc, dsa, dm), not to {method!r}")
+    if s.factor > 1 and method not in MATCHING_METHODS:
+        raise UserError(f"factor applies to the matching methods ({', '.join(MATCHING_METHODS)}), not to {method!r}")
     counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
     needed = s.ipc * s.factor ** 2
     if int(counts.min()) < needed:
@@ -417,6 +429,105 @@ def dc(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condens
 @register_condenser("dsa")
 def dsa(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Condensed:
     return _gradient_matching(source, s, progress, SiameseAugment(families_for(source.name)), method="dsa", **run_kwargs)
+
+
+class NetworkPool:
+    """The networks of ``gm_pool`` and their cached real side.
+
+    Network number ``i`` is a function of ``(seed, i)`` alone: a fresh matching ConvNet, trained on
+    the real data for a number of SGD steps drawn in ``0..pool_train_steps`` (0: a random network).
+    For each of its classes (this process's share) and each of ``aug_draws`` augmentation draws,
+    the pool keeps the draw's parameters and the real batch's gradient. Slot ``j`` holds network
+    ``j`` at first; the k-th refresh puts network ``pool_size + k - 1`` into slot ``(k - 1) % pool_size``,
+    so the pool at any step can be rebuilt from the step number (a resume does exactly that).
+
+    Example:
+        >>> pool = NetworkPool(source, settings, SiameseAugment(), classes=[0, 1])   # doctest: +SKIP
+        >>> net, cache = pool.at(step=0)                                              # doctest: +SKIP
+    """
+
+    def __init__(self, source: ImageSet, s: CondenseSettings, augment: SiameseAugment, classes: list[int]):
+        self.source, self.s, self.augment, self.classes = source, s, augment, classes
+        self.by_class = _class_index(source.labels, source.spec.num_classes)
+        self.slots: dict[int, tuple[int, nn.Module, dict]] = {}  # slot -> (network number, network, cache)
+
+    def number_in_slot(self, slot: int, step: int) -> int:
+        """Which network slot ``slot`` holds at matching step ``step``."""
+        refreshes = step // self.s.refresh_every
+        if slot >= refreshes:
+            return slot
+        last = slot + ((refreshes - 1 - slot) // self.s.pool_size) * self.s.pool_size  # the last refresh of this slot
+        return self.s.pool_size + last
+
+    def at(self, step: int) -> tuple[nn.Module, dict]:
+        """The network matched at ``step`` (slots in turn) and its cache: class -> [(draw params, real gradient)]."""
+        slot = step % self.s.pool_size
+        number = self.number_in_slot(slot, step)
+        if slot not in self.slots or self.slots[slot][0] != number:
+            net = self._network(number)
+            self.slots[slot] = (number, net, self._cache(net, number))
+        return self.slots[slot][1], self.slots[slot][2]
+
+    def _network(self, number: int) -> nn.Module:
+        g = class_generator(self.s.seed, -1, number, -1)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
+            net = _matching_net(self.source, self.s)
+        steps = int(torch.randint(0, self.s.pool_train_steps + 1, (1,), generator=g))
+        opt = torch.optim.SGD(net.parameters(), lr=self.s.lr_net, momentum=0.9)
+        for _ in range(steps):  # an early snapshot of a network trained on the real data
+            batch = torch.randint(len(self.source.labels), (256,), generator=g)
+            loss = F.cross_entropy(net(self.augment(self.source.images[batch], g)), self.source.labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return net
+
+    def _cache(self, net: nn.Module, number: int) -> dict:
+        params, cache = list(net.parameters()), {}
+        for c in self.classes:
+            cache[c] = []
+            for d in range(self.s.aug_draws):
+                g = class_generator(self.s.seed, -2 - number, d, c)
+                idx = self.by_class[c][torch.randint(len(self.by_class[c]), (self.s.real_per_class,), generator=g)]
+                p = self.augment.sample(g)
+                real = self.augment.apply(self.source.images[idx], p)
+                grads = torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)
+                cache[c].append((p, [t.detach() for t in grads]))
+        return cache
+
+
+@register_condenser("gm_pool")
+def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kwargs) -> Condensed:
+    """Gradient matching with DSA over a network pool whose real gradients are cached (:class:`NetworkPool`).
+
+    One iteration is one matching step: every class's synthetic images, under one of the cached
+    augmentation draws, against the cached real gradient of the pool network whose turn it is.
+    """
+    rng = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)
+    k = source.spec.num_classes
+    by_class, mine = _class_index(source.labels, k), shards.mine(k)
+    syn, init_source = _init_images(source, s, rng, by_class)
+    syn.requires_grad_(True)
+    per_class = s.ipc * s.factor ** 2
+    augment = SiameseAugment(families_for(source.name))
+    pool = NetworkPool(source, s, augment, mine)
+    opt = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
+    run = MatchingRun(s, progress, rng, syn, opt, method="gm_pool", shards=shards, **run_kwargs)
+    with run.saving_on_interrupt():
+        while run.next_iteration():
+            net, cache = pool.at(run.iteration)
+            params, decoded, loss = list(net.parameters()), decode(syn, s.factor), syn.new_zeros(())
+            for c in mine:
+                g = class_generator(s.seed, run.iteration, 0, c)
+                p, g_real = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
+                x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
+                g_syn = torch.autograd.grad(F.cross_entropy(net(x), torch.full((len(x),), c)), params, create_graph=True)
+                loss = loss + match_distance(g_syn, g_real)
+            run.end_iteration({"match_loss": run.step(loss) / k})
+    return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
+                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
 
 
 @register_condenser("dm")

@@ -34,11 +34,15 @@ import torch
 
 from pydantic.dataclasses import dataclass
 
-from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, STRICT, build_config, describe, parse_duration
+from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, MATCHING_METHODS, STRICT, build_config, describe, parse_duration
 from datafree.errors import UserError
 
 CHECKPOINT = "checkpoints/condense.pt"
 INITS = ("real", "herding", "noise", "kmeans")
+SCHEDULES = ("cpu", "published")
+# the published DC/DSA schedule (Zhao et al. 2021, their code's defaults): width-128 ConvNet, 256 real
+# images per class per step, outer x inner loops of 1 x 1 (ipc 1), 10 x 50 (ipc 10), 50 x 10 (ipc 50)
+PUBLISHED = {"net_width": 128, "real_per_class": 256}
 
 
 @dataclass(config=STRICT)
@@ -55,7 +59,8 @@ class CondenseJob:
     out: str = describe("the output folder", "runs/condense")
     ipc: int = describe("images per class", 10, ge=1)
     method: Literal[CONDENSE_METHODS] = describe(  # type: ignore[valid-type]
-        "matching (dc, dsa, dm) or selection (random, herding, kcenter); dm was chosen on a validation split (BENCHMARKS.md)",
+        "matching (dc, dsa, dm, gm_pool: dsa over a cached network pool) or selection (random, herding, kcenter); dm was "
+        "chosen on a validation split (BENCHMARKS.md)",
         DEFAULT_CONDENSE_METHOD)
     steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
@@ -64,6 +69,11 @@ class CondenseJob:
         "or k-means centres", "real")
     factor: int = describe("multi-formation: each stored image holds factor x factor smaller images, decoded to full "
                            "size for training (a different storage budget: report it apart)", 1, ge=1)
+    schedule: Literal[SCHEDULES] = describe(  # type: ignore[valid-type]
+        "cpu: this project's schedule for a CPU; published: the DC/DSA papers' (width 128, 256 real images per class, "
+        "inner loop 50 at ipc 10); fields given explicitly override either", "cpu")
+    pool_size: int | None = describe("gm_pool: networks in the pool (default 8)", ge=1)
+    refresh_every: int | None = describe("gm_pool: matching steps between replacing the pool's oldest network (default 20)", ge=1)
     real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
     net_width: int | None = describe("width of the matching ConvNet (default 64, chosen on a validation split)", ge=1)
     outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
@@ -98,7 +108,10 @@ class CondenseJob:
     def settings(self) -> dict:
         """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
         chosen = {"iterations": self.steps, "init": self.init, "time_budget": self.budget_seconds(), "factor": self.factor}
-        for name in ("real_per_class", "net_width", "outer_loop", "inner_loop"):
+        if self.schedule == "published":
+            outer, inner = (1, 1) if self.ipc == 1 else (10, 50) if self.ipc <= 10 else (50, 10)
+            chosen |= PUBLISHED | {"outer_loop": outer, "inner_loop": inner}
+        for name in ("real_per_class", "net_width", "outer_loop", "inner_loop", "pool_size", "refresh_every"):
             if getattr(self, name):
                 chosen[name] = getattr(self, name)
         return chosen
@@ -283,10 +296,11 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
 
         soft = predict(teacher, result.images).softmax(1)
     starts = result.init_source if result.init_source is not None else torch.full((len(result.labels),), -1)
-    manifest = {"ipc": job.ipc, "method": job.method, "settings": {k: v for k, v in settings.items() if v is not None},
+    manifest = {"ipc": job.ipc, "method": job.method, "schedule": job.schedule if job.method in ("dc", "dsa") else None,
+                "settings": {k: v for k, v in settings.items() if v is not None},
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
                 "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
-                "init": {"method": job.init if job.method in ("dc", "dsa", "dm") else f"selected by {job.method}",
+                "init": {"method": job.init if job.method in MATCHING_METHODS else f"selected by {job.method}",
                          "from_source_images": int((starts >= 0).sum()),
                          "source_index": "dataset.safetensors init_source: the index in the source of the image each "
                                          "condensed image started from (-1: noise or a k-means centre)"},

@@ -88,6 +88,10 @@ class DistillConfig:
     student_batch: int = describe("pool samples per student step", 256, ge=1)
     kd_temperature: float = describe("temperature of the student's KD loss", 4.0, gt=0)
     kd_alpha: float = describe("weight of cross-entropy on the teacher's argmax beside KD", 0.0, ge=0)
+    ensemble_synthesis: Literal["all", "transfer"] = describe(
+        "several teachers: train the generator against all of them (the mean of their BN priors, the ensemble's output) "
+        "or against the one whose inversions the others recognise best (measured at the start, no real data); every "
+        "teacher labels the samples either way", "all")
     knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets), attention "
                                "(attention transfer) and rkd (relational KD), e.g. {rkd: 1.0}; needs the teacher's features",
                                default_factory=dict)
@@ -163,7 +167,8 @@ PRESETS: dict[str, dict] = {
              "student_steps": 2, "augment": True, "kd_temperature": 20.0, "pool_size": 20000},
 }
 
-CONDENSE_METHODS = ("dc", "dsa", "dm", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
+CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
+MATCHING_METHODS = ("dc", "dsa", "dm", "gm_pool")  # those that optimise images (the others select real ones)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
 NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
 

@@ -74,11 +74,11 @@ def _fixed_net_loss(source, images, method):
     return gradient_matching_loss(net, source.images, by_class, images.clone().requires_grad_(), 1, 20, rng).item()
 
 
-@pytest.mark.parametrize("method", ["dc", "dsa", "dm"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "gm_pool"])
 def test_matching_condensers_lower_their_loss(tiny_mnist, method):
     start = condense(tiny_mnist, method, ipc=1, seed=0, iterations=0)
     result = condense(tiny_mnist, method, ipc=1, seed=0, iterations=15, net_width=16, real_per_class=16,
-                      outer_loop=1, inner_loop=1, lr_images=0.5)
+                      outer_loop=1, inner_loop=1, lr_images=0.5, pool_size=3, pool_train_steps=5)
     assert len(result.history) == 15
     assert result.images.shape == (10, 1, 28, 28) and result.labels.tolist() == list(range(10))
     assert _fixed_net_loss(tiny_mnist, result.images, method) < _fixed_net_loss(tiny_mnist, start.images, method)
@@ -97,7 +97,7 @@ def test_baselines_pick_the_right_counts_per_class(tiny_mnist, method):
 
 @pytest.mark.parametrize("method", sorted(CONDENSERS))
 def test_condensers_are_deterministic_for_a_seed(tiny_mnist, method):
-    kwargs = dict(iterations=2, net_width=8, real_per_class=8, outer_loop=1, inner_loop=1)
+    kwargs = dict(iterations=2, net_width=8, real_per_class=8, outer_loop=1, inner_loop=1, pool_train_steps=5)
     a = condense(tiny_mnist, method, ipc=1, seed=5, **kwargs)
     b = condense(tiny_mnist, method, ipc=1, seed=5, **kwargs)
     assert torch.equal(a.images, b.images)
@@ -315,6 +315,52 @@ def test_resumed_condensation_equals_an_uninterrupted_one(tiny_mnist, tmp_path):
         condense(tiny_mnist, "dsa", 2, seed=3, checkpoint=tmp_path / "none.pt", resume=True, **kwargs)
 
 
+def test_the_network_pool_is_rebuilt_from_the_step_so_a_resume_equals_a_whole_run(tiny_mnist, tmp_path):
+    from datafree.augment import SiameseAugment
+    from datafree.condense import CondenseSettings, NetworkPool
+
+    pool = NetworkPool(tiny_mnist, CondenseSettings(pool_size=3, refresh_every=2), SiameseAugment(), classes=[0])
+    held = [[pool.number_in_slot(slot, step) for slot in range(3)] for step in (0, 1, 2, 4, 6, 8, 13)]
+    assert held == [[0, 1, 2], [0, 1, 2], [3, 1, 2], [3, 4, 2], [3, 4, 5], [6, 4, 5], [9, 7, 8]]  # the oldest goes first
+    kwargs = dict(iterations=6, net_width=8, real_per_class=8, pool_size=2, refresh_every=1, aug_draws=2, pool_train_steps=3)
+    whole = condense(tiny_mnist, "gm_pool", 1, seed=4, **kwargs)
+    ckpt = tmp_path / "c.pt"
+    condense(tiny_mnist, "gm_pool", 1, seed=4, checkpoint=ckpt, **dict(kwargs, iterations=3))
+    resumed = condense(tiny_mnist, "gm_pool", 1, seed=4, checkpoint=ckpt, resume=True, **kwargs)
+    assert torch.equal(resumed.images, whole.images) and len(resumed.history) == 6
+
+
+def test_the_pools_cached_gradient_is_the_real_batchs_gradient(tiny_mnist):
+    """A cache entry is what a matching step would compute on the real side: nothing stale or shared."""
+    import torch.nn.functional as F
+
+    from datafree.augment import SiameseAugment
+    from datafree.condense import CondenseSettings, NetworkPool, _class_index, class_generator
+
+    s = CondenseSettings(net_width=8, real_per_class=8, aug_draws=2, pool_train_steps=4)
+    pool = NetworkPool(tiny_mnist, s, SiameseAugment(), classes=[2, 5])
+    net, cache = pool.at(step=0)
+    assert sorted(cache) == [2, 5] and all(len(entries) == 2 for entries in cache.values())
+    g = class_generator(s.seed, -2, 1, 5)  # network 0, draw 1, class 5
+    idx = _class_index(tiny_mnist.labels, 10)[5]
+    idx = idx[torch.randint(len(idx), (8,), generator=g)]
+    real = pool.augment.apply(tiny_mnist.images[idx], pool.augment.sample(g))
+    expected = torch.autograd.grad(F.cross_entropy(net(real), torch.full((8,), 5)), list(net.parameters()))
+    assert all(torch.allclose(a, b) for a, b in zip(cache[5][1][1], expected))
+    assert not torch.allclose(cache[5][0][1][0], cache[5][1][1][0])  # two draws, two gradients
+
+
+def test_the_published_schedule_is_named_and_explicit_fields_win():
+    from datafree.condense_job import job_from_dict
+
+    published = job_from_dict({"ipc": 10, "method": "dsa", "schedule": "published"}).settings()
+    assert (published["net_width"], published["real_per_class"], published["outer_loop"], published["inner_loop"]) == (128, 256, 10, 50)
+    assert job_from_dict({"ipc": 1, "schedule": "published", "net_width": 32}).settings()["net_width"] == 32
+    assert "net_width" not in job_from_dict({"ipc": 10}).settings()  # cpu: the condenser's own defaults
+    with pytest.raises(UserError, match="schedule"):
+        job_from_dict({"schedule": "fast"})
+
+
 def test_ctrl_c_keeps_the_last_finished_iteration(tiny_mnist, tmp_path):
     ckpt = tmp_path / "c.pt"
 
@@ -388,6 +434,12 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--soft-labels", "--out", str(tmp_path / "o4")]) == 2
     assert "distill run" in capsys.readouterr().err
+    assert main(["condense", "--source", "mnist", "--method", "gm_pool", "--pool-size", "0", "--out", str(tmp_path / "o5")]) == 2
+    assert "pool_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["condense", "--schedule", "fastest", "--out", str(tmp_path / "o6")])
+    assert stop.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
 
 def _condense_cli(source, out, *extra, env=None):
