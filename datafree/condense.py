@@ -68,10 +68,10 @@ class CondenseSettings:
     net_depth: int = 3
     init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
-    pool_size: int = 8                    # gm_pool: networks in the pool
-    refresh_every: int = 20               # gm_pool: matching steps between replacing the oldest network
+    pool_size: int = 6                    # gm_pool: networks in the pool
+    refresh_every: int = 30               # gm_pool: matching steps between replacing the oldest network
     aug_draws: int = 4                    # gm_pool: cached augmentation draws per network and class
-    pool_train_steps: int = 100           # gm_pool: a pool network is trained on the real data for 0..this many steps
+    pool_train_steps: int = 50            # gm_pool: a pool network is trained on the real data for 0..this many steps
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0

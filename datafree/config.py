@@ -88,10 +88,6 @@ class DistillConfig:
     student_batch: int = describe("pool samples per student step", 256, ge=1)
     kd_temperature: float = describe("temperature of the student's KD loss", 4.0, gt=0)
     kd_alpha: float = describe("weight of cross-entropy on the teacher's argmax beside KD", 0.0, ge=0)
-    ensemble_synthesis: Literal["all", "transfer"] = describe(
-        "several teachers: train the generator against all of them (the mean of their BN priors, the ensemble's output) "
-        "or against the one whose inversions the others recognise best (measured at the start, no real data); every "
-        "teacher labels the samples either way", "all")
     knowledge: dict = describe("weights of knowledge beyond logits on the student's batches: hint (FitNets), attention "
                                "(attention transfer) and rkd (relational KD), e.g. {rkd: 1.0}; needs the teacher's features",
                                default_factory=dict)

@@ -243,8 +243,6 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule, "teachers": teachers,
                "knowledge": ["logits (KD)"] + [f"{k} x{w:g}" for k, w in sorted(module.knowledge.items())]}
-    if module.synth.ensemble_choice is not None:  # which teacher the generator followed, and why
-        summary["ensemble_synthesis"] = module.synth.ensemble_choice
     if cfg.eval_data:  # report only: nothing above looked at real data
         from datafree.data import load_dataset
         from datafree.training import accuracy, predict

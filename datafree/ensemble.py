@@ -27,7 +27,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datafree.errors import UserError
@@ -100,44 +99,6 @@ class TeacherEnsemble(nn.Module):
                 "input_spec": self.spec.to_dict(), "num_classes": self.num_classes, "bn_layers": self.bn_names,
                 "bn_note": self.no_bn_reason or self.bn_note, "dataset": None, "test_accuracy": None, "sha256": None,
                 "members": self.card["members"]}
-
-
-INVERSION_STEPS, INVERSION_PER_CLASS = 100, 10
-
-
-def inversion_transfer(ensemble: TeacherEnsemble, seed: int = 0, steps: int = INVERSION_STEPS,
-                       per_class: int = INVERSION_PER_CLASS) -> list[float]:
-    """For each member: how well its inversions transfer, a data-free sign of a good teacher to synthesise from.
-
-    Each member in turn inverts itself: ``per_class`` images of every class, pixels optimised
-    (Adam, ``steps`` steps from uniform noise) for the member's class under its BN prior when it
-    has one. Its score is the percent of those images that the *other* members put in the class
-    asked for. Images that only fool their own teacher score low; images with the class's real
-    features transfer. No real data is read.
-
-    Example:
-        >>> ensemble = load_teachers(["assets/teachers/mnist_lenet5.safetensors", "assets/suite/mnist_owner_resgap.pt2"])
-        >>> scores = inversion_transfer(ensemble, steps=5)                                  # doctest: +SKIP
-    """
-    from datafree.priors import BNStatistics
-
-    targets = torch.arange(ensemble.num_classes).repeat_interleave(per_class)
-    scores = []
-    for i, member in enumerate(ensemble.members):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
-        pixels = torch.rand((len(targets), *member.input_shape), generator=g).requires_grad_(True)
-        opt, prior = torch.optim.Adam([pixels], lr=0.05), BNStatistics()
-        for _ in range(steps):
-            _, logits = member.forward_with_features(member.spec.normalize(pixels.clamp(0, 1)))
-            loss = F.cross_entropy(logits, targets) + prior(member.bn_taps())[0]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            hits = [(other(other.spec.normalize(pixels.clamp(0, 1))).argmax(1) == targets).float().mean().item()
-                    for j, other in enumerate(ensemble.members) if j != i]
-        scores.append(round(100 * sum(hits) / len(hits), 2))
-    return scores
 
 
 def check_compatible(members: list[Teacher], paths: list[str]) -> None:

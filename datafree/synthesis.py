@@ -28,8 +28,6 @@ class Synthesizer:
 
     def __init__(self, teacher: Teacher, generator: nn.Module, cfg: DistillConfig, notify=print):
         self.teacher, self.generator, self.cfg = teacher, generator, cfg
-        self.synthesis_teacher, self.ensemble_choice = self._synthesis_teacher(teacher, cfg, notify)
-        teacher = self.synthesis_teacher
         self.weights = {k: float(v) for k, v in cfg.weights.items() if v}
         if "bn" in self.weights and not teacher.has_bn:  # no BN layers, or hidden (TorchScript): fall back and say so
             notify(f"note: {teacher.no_bn_reason}; the {cfg.preset!r} preset goes on with "
@@ -46,26 +44,6 @@ class Synthesizer:
             if self.similarity is None:
                 notify("note: the teacher's final-layer weights are unreachable; soft targets use uniform class similarity")
                 self.similarity = torch.ones(teacher.num_classes, teacher.num_classes)
-
-    @staticmethod
-    def _synthesis_teacher(teacher, cfg: DistillConfig, notify):
-        """Whom the generator is trained against: the teacher (or the whole ensemble), or with
-        ``ensemble_synthesis: transfer`` the member whose inversions transfer best to the others."""
-        from datafree.ensemble import TeacherEnsemble, inversion_transfer
-
-        if not isinstance(teacher, TeacherEnsemble) or cfg.ensemble_synthesis == "all":
-            return teacher, None
-        scores = inversion_transfer(teacher, seed=cfg.seed)
-        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-        member = teacher.members[best]
-        notify(f"note: the generator is trained against teacher {best + 1} ({member.arch or member.format}), whose "
-               f"inversions the other teachers recognise {scores[best]:.0f}% of the time (each teacher: "
-               f"{', '.join(f'{v:.0f}%' for v in scores)}); every teacher labels the samples")
-        return member, {"synthesis_teacher": best, "inversion_transfer": scores}
-
-    def _in_synthesis_space(self, images: torch.Tensor) -> torch.Tensor:
-        s, t = self.synthesis_teacher.spec, self.teacher.spec
-        return images if s == t else s.normalize(t.denormalize(images))
 
     def on_reset(self) -> None:
         """A pixel batch was redrawn: draw its soft targets (ZSKD) when the preset uses them."""
@@ -94,8 +72,8 @@ class Synthesizer:
             images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
         if self.similarity is not None and self.soft_targets is None:  # a batch drawn before any reset
             self.on_reset()
-        features, t_logits = self.synthesis_teacher.forward_with_features(self._in_synthesis_space(images))
-        batch = SynthesisBatch(images, t_logits, features, self.synthesis_teacher.bn_taps(), None, targets,
+        features, t_logits = self.teacher.forward_with_features(images)
+        batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets,
                                self.soft_targets, self.cfg.soft_temperature)
         terms, stats = {}, {}
         if "bn" in self.weights:
@@ -109,9 +87,6 @@ class Synthesizer:
         total = sum(self.weights[k] * v for k, v in terms.items())
         stats.update({f"loss_{k}": v.item() for k, v in terms.items()})
         stats["loss_synthesis"] = float(total.detach()) if torch.is_tensor(total) else float(total)
-        if self.synthesis_teacher is not self.teacher:  # the samples' labels come from every teacher
-            with torch.no_grad():
-                t_logits = self.teacher(images)
         return total, stats | {"_t_logits": t_logits}
 
 

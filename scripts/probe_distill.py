@@ -53,7 +53,7 @@ def run_variant(member: dict, name: str, overrides: dict, budget: str | None, ro
     student, _ = load_model(out / "student.safetensors")
     return {"teacher": member["name"], "variant": name, "overrides": overrides, "seed": seed, "budget": budget,
             "rounds": summary["steps"], "seconds": round(seconds, 1), "kept_round": summary.get("selected_step"),
-            "holdout_agreement": summary.get("holdout_agreement"), "ensemble_synthesis": summary.get("ensemble_synthesis"),
+            "holdout_agreement": summary.get("holdout_agreement"),
             "teacher_val": round(accuracy(teacher, val), 2), "student_val": round(accuracy(student.eval(), val), 2)}
 
 

@@ -164,31 +164,3 @@ def test_a_teacher_without_reachable_features_turns_the_terms_off_with_a_note(tm
     with pytest.raises(UserError, match="unknown knowledge term 'gram'"):
         resolve_distill_config("dfq", overrides={"teacher": LENET, "knowledge": {"gram": 1.0}})
 
-
-def test_inversions_of_a_trained_teacher_transfer_and_those_of_an_untrained_one_do_not():
-    from datafree.ensemble import inversion_transfer
-    from datafree.models import create_model
-    from datafree.teacher import Teacher
-
-    trained = load_teacher(LENET)
-    torch.manual_seed(0)
-    untrained = Teacher(create_model("lenet5"), trained.spec, "safetensors", "lenet5")
-    scores = inversion_transfer(TeacherEnsemble([trained, load_teacher(LENET), untrained]), steps=60)
-    assert scores[2] < 30 < min(scores[0], scores[1])  # the untrained net's images fool only itself
-
-
-def test_the_generator_can_follow_the_teacher_whose_inversions_transfer_best(tmp_path):
-    from datafree.io import load_tensors
-
-    out = tmp_path / "run"
-    cfg = resolve_distill_config("dfq", overrides={"teacher": [LENET_NOBN, LENET], "out": str(out), **TINY,
-                                                   "ensemble_synthesis": "transfer"})
-    notes = []
-    summary = run_distill(cfg, progress=False, notify=notes.append)
-    choice = summary["ensemble_synthesis"]
-    scores = choice["inversion_transfer"]
-    assert len(scores) == 2 and scores[choice["synthesis_teacher"]] == max(scores)
-    assert sum("the generator is trained against teacher" in n for n in notes) == 1
-    saved = load_tensors(out / "transfer.safetensors")
-    with torch.no_grad():  # whoever the generator followed, the samples carry the ensemble's soft targets
-        assert torch.allclose(load_teachers([LENET_NOBN, LENET])(saved["images"]), saved["teacher_logits"], atol=1e-4)
