@@ -186,7 +186,8 @@ def write_results(args, rows):
                            f"{r['mean']} +- {r['std']} | {a['near_copies']} | {a['ratio_median']} | {a['nn1_median']} | {trace} |")
     print("\n".join(lines + [""] + (audit_lines if audited else [])))
     if not args.quick:
-        _write_block("condense", "\n".join(lines), "Dataset condensation")
+        # the block is named after --out, so a side benchmark with its own --out never replaces the main table
+        _write_block(Path(args.out).stem.replace("_", "-"), "\n".join(lines), "Dataset condensation")
         if audited:
             _write_block("condense-audit", "\n".join(audit_lines), "Condensation: initialisation, accuracy and privacy")
 
