@@ -280,9 +280,15 @@ def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: 
             p = dsa.sample(g)
             real, mine = dsa.apply(real, p), dsa.apply(mine, p)
         g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)]
-        g_syn = torch.autograd.grad(F.cross_entropy(net(mine), torch.full((len(mine),), c)), params, create_graph=True)
-        loss = loss + match_distance(g_syn, g_real)
+        loss = loss + synthetic_distance(net, params, mine, c, g_real)
     return loss
+
+
+def synthetic_distance(net: nn.Module, params: list, images: torch.Tensor, c: int, g_real: list[torch.Tensor]) -> torch.Tensor:
+    """The matching distance between ``g_real`` and the gradient of class ``c``'s synthetic images,
+    whose graph is kept so the distance can be back-propagated into the images."""
+    g_syn = torch.autograd.grad(F.cross_entropy(net(images), torch.full((len(images),), c)), params, create_graph=True)
+    return match_distance(g_syn, g_real)
 
 
 class MatchingRun:
@@ -523,8 +529,7 @@ def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **r
                 g = class_generator(s.seed, run.iteration, 0, c)
                 p, g_real = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
                 x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
-                g_syn = torch.autograd.grad(F.cross_entropy(net(x), torch.full((len(x),), c)), params, create_graph=True)
-                loss = loss + match_distance(g_syn, g_real)
+                loss = loss + synthetic_distance(net, params, x, c, g_real)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
                      history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)

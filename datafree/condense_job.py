@@ -43,6 +43,7 @@ SCHEDULES = ("cpu", "published")
 # the published DC/DSA schedule (Zhao et al. 2021, their code's defaults): width-128 ConvNet, 256 real
 # images per class per step, outer x inner loops of 1 x 1 (ipc 1), 10 x 50 (ipc 10), 50 x 10 (ipc 50)
 PUBLISHED = {"net_width": 128, "real_per_class": 256}
+PUBLISHED_METHODS = ("dc", "dsa")
 
 
 @dataclass(config=STRICT)
@@ -95,6 +96,9 @@ class CondenseJob:
     def validate(self) -> "CondenseJob":
         """Raise :class:`UserError` (one sentence naming the field) for a bad value; return self."""
         self.budget_seconds()
+        if self.schedule == "published" and self.method not in PUBLISHED_METHODS:
+            raise UserError(f"config field 'schedule': the published schedule is the DC/DSA papers' (methods "
+                            f"{', '.join(PUBLISHED_METHODS)}); method {self.method!r} has none here")
         return self
 
     def budget_seconds(self) -> float | None:
@@ -296,7 +300,7 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
 
         soft = predict(teacher, result.images).softmax(1)
     starts = result.init_source if result.init_source is not None else torch.full((len(result.labels),), -1)
-    manifest = {"ipc": job.ipc, "method": job.method, "schedule": job.schedule if job.method in ("dc", "dsa") else None,
+    manifest = {"ipc": job.ipc, "method": job.method, "schedule": job.schedule if job.method in PUBLISHED_METHODS else None,
                 "settings": {k: v for k, v in settings.items() if v is not None},
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
                 "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,

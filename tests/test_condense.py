@@ -355,10 +355,12 @@ def test_the_published_schedule_is_named_and_explicit_fields_win():
 
     published = job_from_dict({"ipc": 10, "method": "dsa", "schedule": "published"}).settings()
     assert (published["net_width"], published["real_per_class"], published["outer_loop"], published["inner_loop"]) == (128, 256, 10, 50)
-    assert job_from_dict({"ipc": 1, "schedule": "published", "net_width": 32}).settings()["net_width"] == 32
+    assert job_from_dict({"ipc": 1, "method": "dc", "schedule": "published", "net_width": 32}).settings()["net_width"] == 32
     assert "net_width" not in job_from_dict({"ipc": 10}).settings()  # cpu: the condenser's own defaults
     with pytest.raises(UserError, match="schedule"):
         job_from_dict({"schedule": "fast"})
+    with pytest.raises(UserError, match="the published schedule is the DC/DSA papers'.*method 'dm' has none here"):
+        job_from_dict({"method": "dm", "schedule": "published"})
 
 
 def test_ctrl_c_keeps_the_last_finished_iteration(tiny_mnist, tmp_path):
