@@ -143,7 +143,8 @@ def cmd_teacher_export(args) -> int:
 
 DISTILL_FLAGS = ["teacher", "teacher_input_spec", "student", "student_kwargs", "preset", "steps", "time_budget", "out", "seed",
                  "generator", "batch_size", "student_steps", "schedule", "student_share", "pool_size", "lr_student",
-                 "lr_generator", "kd_temperature", "student_loss", "augment", "mixup", "student_ema", "knowledge", "checkpoint_every", "eval_every",
+                 "lr_generator", "kd_temperature", "student_loss", "augment", "mixup", "student_ema", "final_share", "final_pool",
+                 "knowledge", "checkpoint_every", "eval_every",
                  "eval_data", "accelerator", "devices", "num_nodes", "strategy"]
 CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget", "init", "factor", "pool_size", "refresh_every",
                   "real_per_class", "net_width", "outer_loop",

@@ -97,6 +97,10 @@ class DistillConfig:
     augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)
     mixup: float = describe("probability of mixing two pool samples in a student batch", 0.0, ge=0, le=1)
     pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)
+    final_share: float = describe("the last share of the run (time or rounds) trains the student only, on the archive of "
+                                  "every synthesised batch (as DeepInversion and ZSKD distil from a synthesised set), "
+                                  "each of those rounds 4x the student steps (0: off)", 0.5, ge=0, lt=1)
+    final_pool: int = describe("synthesised images archived for the last share of the run (the newest kept)", 20000, ge=1)
     # selection and bookkeeping (no real data)
     holdout_every: int = describe("every Nth synthetic batch goes to the held-out set that selects the student (0: none)", 10, ge=0)
     holdout_size: int = describe("held-out synthetic samples", 2048, ge=1)

@@ -148,6 +148,10 @@ def write_report(run) -> Path:
             accuracy += [("schedule", schedule.get("mode")), ("student steps per round", schedule.get("student_steps")),
                          ("pool size", schedule.get("pool_size"))]
             accuracy += [(f"measured {k.replace('_', ' ')}", v) for k, v in measured.items()]
+        final = summary.get("final_share") or {}
+        if final:
+            accuracy += [("student-only last share from round", final.get("round")),
+                         ("its transfer set", f"{final.get('pool_size')} images from {final.get('drawn_from')}")]
     elif (run / "dataset.safetensors").is_file():  # condensed set
         kind = f"condensed set ({manifest.get('method')}, ipc {manifest.get('ipc')})"
         tensors = load_tensors(run / "dataset.safetensors")

@@ -91,6 +91,8 @@ class DistillModule(L.LightningModule):
         self.generator = generator
         self.pool = SamplePool(cfg.pool_size)
         self.holdout = SamplePool(cfg.holdout_size)
+        # every synthesised batch, for the student-only last share (labels stay valid: the teacher is frozen)
+        self.archive = SamplePool(cfg.final_pool) if cfg.final_share else None
         self.snapshots: list[tuple[int, dict]] = []
         self.augment = student_augment() if cfg.augment else None
         self.ema = None  # torch's AveragedModel of the student (a submodule: checkpoints carry it)
@@ -111,6 +113,7 @@ class DistillModule(L.LightningModule):
         self.budget_seconds = parse_duration(cfg.time_budget)
         self.student_steps = cfg.student_steps
         self.schedule: dict | None = None  # what fit_schedule measured and chose (or "fixed"), kept in checkpoints
+        self.final_start: dict | None = None  # where the student-only last share began (round, progress, pool size)
 
     @staticmethod
     def _knowledge_terms(teacher, student, cfg, notify) -> tuple[dict, Hint | None, SpatialTap | None]:
@@ -155,9 +158,18 @@ class DistillModule(L.LightningModule):
             done = max(done, self.elapsed / self.budget_seconds)
         return min(1.0, done)
 
+    def _phase_progress(self) -> float:
+        """Fraction done of the current phase: the synthesis rounds, or the student-only last share."""
+        done, share = self.progress(), self.cfg.final_share
+        if self.final_start is not None:
+            start = self.final_start["progress"]
+            return min(1.0, (done - start) / max(1e-9, 1 - start))
+        return min(1.0, done / (1 - share)) if share else done
+
     def _set_student_lr(self, opt_s) -> float:
-        """Cosine decay of the student's learning rate over the run's progress (steps or time)."""
-        lr = self.cfg.lr_student * 0.5 * (1 + math.cos(math.pi * self.progress()))
+        """Cosine decay of the student's learning rate over each phase (steps or time): the last,
+        student-only share restarts it, as its transfer set is new."""
+        lr = self.cfg.lr_student * 0.5 * (1 + math.cos(math.pi * self._phase_progress()))
         for group in opt_s.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -201,7 +213,11 @@ class DistillModule(L.LightningModule):
         # checkpoint carries: a resumed run repeats the uninterrupted one exactly
         torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.rng)))
         opt_g, opt_s = self.optimizers()
+        if self.final_start is None and cfg.final_share and self.progress() >= 1 - cfg.final_share:
+            self._start_final_share(step)
         lr = self._set_student_lr(opt_s)
+        if self.final_start is not None:
+            return self._student_only_round(step, opt_s, lr, started)
         if self.synth.is_pixels and cfg.reset_every and step % cfg.reset_every == 0:
             self.generator.reset(self.rng)
             self.synth.on_reset()
@@ -222,6 +238,8 @@ class DistillModule(L.LightningModule):
                     t_logits = self.teacher(images)
             held_out = cfg.holdout_every and self.batches % cfg.holdout_every == cfg.holdout_every - 1
             (self.holdout if held_out else self.pool).add(images, t_logits)
+            if self.archive is not None and not held_out:
+                self.archive.add(images, t_logits)
             self.last_batch, self.last_logits = images, t_logits
             self.batches += 1
 
@@ -234,6 +252,27 @@ class DistillModule(L.LightningModule):
         if (step % 10 == 0 or step == cfg.steps - 1) and self.last_logits is not None:
             self._log_round(step, stats | {"lr_student": lr}, s_loss, self.last_logits)
         if (step + 1) % cfg.eval_every == 0:
+            self._evaluate(step)
+        self.rounds += 1
+        return {"kd": s_loss}
+
+    def _start_final_share(self, step: int) -> None:
+        """Stop synthesis; the student's pool becomes the archive of every batch synthesised so far
+        (the last ``final_pool``), drawn from the generator at all its stages, not only its last."""
+        self.pool, self.archive = self.archive, None
+        self.final_start = {"round": step, "progress": round(self.progress(), 5), "pool_size": len(self.pool),
+                            "drawn_from": "every synthesised batch (the last ones, labelled when made)"}
+        self.log_fn({"step": step, "kind": "final_share"} | self.final_start)
+
+    def _student_only_round(self, step: int, opt_s, lr: float, started: float) -> dict:
+        """A round of the last share: 4x the student steps on the transfer set, no synthesis."""
+        s_loss = torch.zeros((), device=self.device)
+        for _ in range(4 * max(1, self.student_steps)):
+            s_loss = self._student_step(opt_s)
+        self.elapsed += time.monotonic() - started
+        if step % 10 == 0 or step == self.cfg.steps - 1:  # the class mix of the newest archived batch
+            self._log_round(step, {"lr_student": lr}, s_loss, self.pool.contents()[1][-self.cfg.batch_size:])
+        if (step + 1) % self.cfg.eval_every == 0:
             self._evaluate(step)
         self.rounds += 1
         return {"kd": s_loss}
@@ -350,6 +389,8 @@ class DistillModule(L.LightningModule):
             "snapshots": self.snapshots, "schedule": json.dumps(self.schedule),
             "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets,
             "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
+            "final_start": json.dumps(self.final_start),
+            "archive": self.archive.state_dict() if self.archive is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -357,7 +398,14 @@ class DistillModule(L.LightningModule):
         self.schedule = json.loads(state["schedule"]) if state.get("schedule") else None
         if self.schedule is not None:
             self._apply_schedule()
+        self.final_start = json.loads(state.get("final_start") or "null")
+        if self.pool.capacity != int(state["pool"]["capacity"]):  # the last share's transfer set
+            self.pool = SamplePool(int(state["pool"]["capacity"]))
         self.pool.load_state_dict(state["pool"])
+        if state.get("archive") is not None:
+            self.archive.load_state_dict(state["archive"])
+        elif self.final_start is not None:
+            self.archive = None
         self.holdout.load_state_dict(state["holdout"])
         self.rng.set_state(state["rng"])
         self.snapshots = [(int(s), d) for s, d in state["snapshots"]]

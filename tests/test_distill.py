@@ -24,7 +24,8 @@ from generators import GENERATORS, create_generator
 BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
 NOBN_TEACHER = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
 TINY = {"steps": 6, "batch_size": 32, "student_batch": 32, "student_steps": 2, "pool_size": 512, "eval_every": 3, "schedule": "fixed",
-        "checkpoint_every": 3, "grid_every": 3, "holdout_every": 3, "generator_kwargs": {"latent_dim": 16, "width": 8}}
+        "checkpoint_every": 3, "grid_every": 3, "holdout_every": 3, "generator_kwargs": {"latent_dim": 16, "width": 8},
+        "final_share": 0, "final_pool": 96}  # the student-only last share has its own tests
 
 
 def tiny_config(tmp_path, preset="fast", **overrides):
@@ -231,7 +232,8 @@ def test_student_ema_is_the_moving_average_of_the_steps_and_is_what_is_kept(tmp_
     assert all(torch.equal(module.snapshots[-1][1][k], v) for k, v in module.kept_student().state_dict().items())
 
 
-@pytest.mark.parametrize("extra", [{}, {"student_ema": 0.9}], ids=["plain", "ema"])
+@pytest.mark.parametrize("extra", [{}, {"student_ema": 0.9}, {"preset": "dfq", "final_share": 0.7}],
+                         ids=["plain", "ema", "in-the-last-share"])
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     straight = tiny_config(tmp_path / "straight", **extra)
     run_distill(straight, progress=False)
@@ -260,6 +262,36 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypat
     steps = [json.loads(l)["step"] for l in (tmp_path / "resumed/run/metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "round"]
     assert steps == sorted(set(steps))  # no duplicated rounds in the log after the resume
+
+
+def test_the_last_share_trains_the_student_only_on_the_archive_of_synthesised_batches(tmp_path, monkeypatch):
+    from datafree.student import DistillModule
+
+    at_switch = {}
+    original = DistillModule._start_final_share
+
+    def remember(self, step):
+        at_switch["generator"] = {k: v.clone() for k, v in self.generator.state_dict().items()}
+        at_switch["student"] = {k: v.clone() for k, v in self.student.state_dict().items()}
+        original(self, step)
+
+    monkeypatch.setattr(DistillModule, "_start_final_share", remember)
+    cfg = tiny_config(tmp_path, preset="dfq", final_share=0.5, holdout_every=0)  # no held-out set: the last student is kept
+    summary = run_distill(cfg, progress=False)
+    out = tmp_path / "run"
+    assert summary["final_share"]["round"] == 3 and summary["final_share"]["pool_size"] == 96
+    # the archive of the 3 synthesis rounds (3 x 32 images) is the last share's pool and the transfer set
+    assert len(load_file(out / "transfer.safetensors")["images"]) == 96
+    generator = load_file(out / "generator.safetensors")
+    # the generator is frozen in the last share ...
+    assert all(torch.equal(generator[k], v) for k, v in at_switch["generator"].items())
+    # ... while the student kept learning there
+    student = load_file(out / "student.safetensors")
+    assert any(not torch.equal(student[k], v) for k, v in at_switch["student"].items())
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    last_share = [r for r in records if r["kind"] == "round" and r["step"] > 3]
+    assert last_share and not any("loss_bn" in r for r in last_share)
+    assert [r["step"] for r in records if r["kind"] == "final_share"] == [3]
 
 
 def test_no_bn_teacher_falls_back_with_a_message(tmp_path):
