@@ -69,7 +69,6 @@ def cmd_teacher_train(args) -> int:
     from datafree.data import load_dataset
     from datafree.models import count_parameters, create_model
     from datafree.teacher import save_model
-    from datafree.training import accuracy, fit_supervised, make_augment
 
     out = Path(args.out).with_suffix(".safetensors")
     if out.exists() and not args.overwrite:
@@ -79,6 +78,8 @@ def cmd_teacher_train(args) -> int:
     test = load_dataset(args.dataset, train=False, data_dir=args.data_dir)
     spec = train.spec
     model = create_model(args.arch, spec.num_classes, spec.channels, spec.size, **kwargs)
+    from datafree.training import accuracy, fit_supervised, make_augment  # Lightning: seconds to import, so after the checks
+
     print(f"training {args.arch} ({count_parameters(model):,} parameters) on {train.name} ({len(train):,} images), "
           f"{args.epochs} epochs, seed {args.seed}", file=sys.stderr)
     augment = make_augment(args.augment)
