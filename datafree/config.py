@@ -99,7 +99,8 @@ class DistillConfig:
     pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)
     final_share: float = describe("the last share of the run (time or rounds) trains the student only, on the archive of "
                                   "every synthesised batch (as DeepInversion and ZSKD distil from a synthesised set), "
-                                  "each of those rounds 4x the student steps (0: off)", 0.5, ge=0, lt=1)
+                                  "each of those rounds 4x the student steps (0: off; dfq sets 0.5, the only preset it was "
+                                  "measured with)", 0.0, ge=0, lt=1)
     final_pool: int = describe("synthesised images archived for the last share of the run (the newest kept)", 20000, ge=1)
     # selection and bookkeeping (no real data)
     holdout_every: int = describe("every Nth synthetic batch goes to the held-out set that selects the student (0: none)", 10, ge=0)
@@ -138,7 +139,10 @@ PRESETS: dict[str, dict] = {
     # CVPR-W 2020: BN statistics + one-hot + class balance + adversarial disagreement.
     "dfq": {"generator": "dcgan", "generator_kwargs": {"latent_dim": 100, "width": 32},
             "weights": {"bn": 1.0, "onehot": 1.0, "entropy": 1.0, "adv": 1.0}, "adv_kind": "kl",
-            "student_steps": 5, "augment": False, "pool_size": 256 * 5},
+            "student_steps": 5, "augment": False, "pool_size": 256 * 5,
+            # ours: the last half trains the student only, on every synthesised batch (chosen on a
+            # validation split over the seven suite teachers, BENCHMARKS.md)
+            "final_share": 0.5},
     # Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020:
     # pixels optimised with BN statistics (first layer x10), CE, jitter, TV and L2, plus the adaptive
     # (ADI) competition term: JS disagreement with the student; 200 steps per batch (5 per round).
