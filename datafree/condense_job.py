@@ -152,7 +152,8 @@ def teacher_of_run(run_dir: Path):
             raise UserError(f"the run's teacher {path!r} (from {str(run_dir / 'config.yaml')!r}) is not there")
         if expected and sha256_file(path) != expected:
             raise UserError(f"the teacher at {path!r} is not the one that made this transfer set (sha256 differs)")
-    return load_teachers(cfg.get("teacher"), input_spec=cfg.get("teacher_input_spec")), manifest.get("teacher_sha256")
+    rule = cfg.get("ensemble_rule", "probs")  # runs from before the rule existed averaged the softmax
+    return load_teachers(cfg.get("teacher"), input_spec=cfg.get("teacher_input_spec"), rule=rule), manifest.get("teacher_sha256")
 
 
 def load_source(job: CondenseJob):

@@ -28,6 +28,7 @@ STUDENT_LOSSES = ("kl", "l1")
 SCHEDULES = ("auto", "fixed")
 PRESET_NAMES = ("dafl", "dfad", "zskt", "dfq", "deepinversion", "fast", "zskd")  # PRESETS' keys (a test checks)
 GENERATOR_NAMES = ("dcgan", "conditional", "pixels")  # the generator registry's names (a test checks)
+ENSEMBLE_RULES = ("logits", "probs")  # how an ensemble's members combine (datafree.ensemble)
 
 
 STRICT = ConfigDict(strict=True, extra="forbid")  # YAML, JSON and flags are checked alike: no silent "5" -> 5
@@ -52,6 +53,8 @@ class DistillConfig:
 
     teacher: str | list[str] = describe("the teacher file: .safetensors with its .json card, .pt2, or TorchScript; "
                                         "several files make an ensemble whose averaged soft targets the student learns", "")
+    ensemble_rule: Literal[ENSEMBLE_RULES] = describe(  # type: ignore[valid-type]
+        "how several teachers' answers combine: logits (their mean logits) or probs (their mean softmax)", "logits")
     teacher_input_spec: str | None = describe("CxHxW[:mean:std] of a teacher file that does not say, e.g. 1x28x28:0.1307:0.3081")
     student: str = describe("student architecture from the zoo, or a .safetensors file to start from", "lenet5_half")
     student_kwargs: dict = describe("keyword arguments of the student architecture, e.g. {width: 32}", default_factory=dict)
@@ -243,7 +246,7 @@ def default_preset(teacher_path: str | list[str] | None, input_spec: str | None 
     from datafree.ensemble import load_teachers
 
     try:
-        teacher = load_teachers(teacher_path, input_spec=input_spec)
+        teacher = load_teachers(teacher_path, input_spec=input_spec)  # the rule does not change has_bn
     except (UserError, OSError, ValueError):
         return DistillConfig.preset, ""
     if teacher.has_bn:

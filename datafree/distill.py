@@ -164,7 +164,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
         notify(cfg.preset_note)
     quiet_lightning()
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
-    teacher = load_teachers(cfg.teacher, input_spec=cfg.teacher_input_spec)
+    teacher = load_teachers(cfg.teacher, input_spec=cfg.teacher_input_spec, rule=cfg.ensemble_rule)
     if getattr(teacher, "bn_note", "") and not resume:
         notify(f"note: {teacher.bn_note}")
     student, student_arch, student_kwargs = build_student(cfg.student, teacher, cfg.student_kwargs)

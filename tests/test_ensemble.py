@@ -18,14 +18,19 @@ TINY = {"steps": 3, "batch_size": 16, "student_batch": 16, "student_steps": 1, "
         "checkpoint_every": 3, "grid_every": 0, "holdout_every": 2, "generator_kwargs": {"latent_dim": 8, "width": 8}}
 
 
-def test_the_ensemble_answers_with_its_members_averaged_soft_targets():
+def test_the_ensemble_answers_with_its_members_mean_logits_or_their_averaged_soft_targets():
     ensemble = load_teachers([LENET, OWNER_PT2], input_spec=None)
     lenet, owner = load_teacher(LENET), load_teacher(OWNER_PT2)
     assert isinstance(ensemble, TeacherEnsemble) and lenet.spec != owner.spec  # the members normalise differently
     x = torch.randn(6, 1, 28, 28)  # in the first member's input space
-    expected = (lenet(x).softmax(1) + owner(owner.spec.normalize(lenet.spec.denormalize(x))).softmax(1)) / 2
-    assert torch.allclose(ensemble(x).softmax(1), expected, atol=1e-5)
-    assert ensemble.spec == lenet.spec and ensemble.num_classes == 10
+    a, b = lenet(x), owner(owner.spec.normalize(lenet.spec.denormalize(x)))
+    assert ensemble.rule == "logits" and torch.allclose(ensemble(x), (a + b) / 2, atol=1e-5)
+    averaged = load_teachers([LENET, OWNER_PT2], rule="probs")
+    assert torch.allclose(averaged(x).softmax(1), (a.softmax(1) + b.softmax(1)) / 2, atol=1e-5)
+    assert not torch.allclose(averaged(x).softmax(1), ensemble(x).softmax(1), atol=1e-3)  # the rules differ
+    assert ensemble.spec == lenet.spec and ensemble.num_classes == 10 and ensemble.describe()["rule"] == "logits"
+    with pytest.raises(UserError, match="unknown ensemble rule 'median'; choose one of logits, probs"):
+        load_teachers([LENET, OWNER_PT2], rule="median")
 
 
 def test_every_member_with_bn_statistics_feeds_the_bn_prior():
