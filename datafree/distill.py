@@ -243,6 +243,8 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule, "final_share": module.final_start,
                "teachers": teachers, "knowledge": ["logits (KD)"] + [f"{k} x{w:g}" for k, w in sorted(module.knowledge.items())]}
+    if len(teachers) > 1:
+        summary["ensemble_rule"] = teacher.rule
     if cfg.eval_data:  # report only: nothing above looked at real data
         from datafree.data import load_dataset
         from datafree.training import accuracy, predict

@@ -83,16 +83,18 @@ def test_a_run_from_an_ensemble_records_every_teacher(tmp_path):
     assert manifest["teachers"] == summary["teachers"] and len(manifest["teacher_sha256"]) == 64
     teacher, _ = teacher_of_run(tmp_path / "run")  # the run's teachers, each checked against its hash
     assert isinstance(teacher, TeacherEnsemble) and len(teacher.members) == 2
+    assert summary["ensemble_rule"] == teacher.rule == "logits"  # the rule the run used, and a derived job uses it too
 
 
 def test_the_command_line_takes_several_teachers(tmp_path, capsys):
     from datafree.cli import main
 
     args = ["distill", "--teacher", LENET, "--teacher", LENET_NOBN, "--out", str(tmp_path / "run"), "--no-eval", "--no-progress",
-            "--steps", "2", "--batch-size", "16", "--pool-size", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+            "--steps", "2", "--batch-size", "16", "--pool-size", "32", "--eval-every", "2", "--checkpoint-every", "2",
+            "--ensemble-rule", "probs"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert [t["path"] for t in summary["teachers"]] == [LENET, LENET_NOBN]
+    assert [t["path"] for t in summary["teachers"]] == [LENET, LENET_NOBN] and summary["ensemble_rule"] == "probs"
     assert "teachers 1 have no readable BN statistics" in capsys.readouterr().err  # said once, in one line
     fashion = str(TEACHERS / "fmnist_convnet.safetensors")
     assert main(["distill", "--teacher", LENET, "--teacher", fashion, "--out", str(tmp_path / "bad"), "--no-eval"]) == 2
