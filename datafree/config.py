@@ -52,7 +52,7 @@ class DistillConfig:
     """
 
     teacher: str | list[str] = describe("the teacher file: .safetensors with its .json card, .pt2, or TorchScript; "
-                                        "several files make an ensemble whose averaged soft targets the student learns", "")
+                                        "several files make an ensemble whose combined soft targets (ensemble_rule) the student learns", "")
     ensemble_rule: Literal[ENSEMBLE_RULES] = describe(  # type: ignore[valid-type]
         "how several teachers' answers combine: logits (their mean logits) or probs (their mean softmax)", "logits")
     teacher_input_spec: str | None = describe("CxHxW[:mean:std] of a teacher file that does not say, e.g. 1x28x28:0.1307:0.3081")

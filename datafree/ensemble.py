@@ -1,4 +1,4 @@
-"""Several teachers of one task as one: the student learns their averaged soft targets.
+"""Several teachers of one task as one: the student learns their combined soft targets.
 
 Owners often hold several models of a task (different architectures, checkpoints, or owners who
 cannot pool their data). :class:`TeacherEnsemble` behaves as one :class:`~datafree.teacher.Teacher`

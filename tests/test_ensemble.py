@@ -1,4 +1,4 @@
-"""Distillation from an ensemble of teachers: averaged soft targets, every member's BN prior, one sentence for a mismatch."""
+"""Distillation from an ensemble of teachers: combined soft targets (mean logits or mean softmax), every member's BN prior, one sentence for a mismatch."""
 import json
 
 import pytest

@@ -69,7 +69,7 @@ def config_schemas() -> dict:
         "distill": typed(DistillConfig, CLIENT_BLOCKED | {"preset_note"},
                          {"teacher": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
                                       "description": "id of an uploaded teacher (GET /v1/teachers), or a list of ids: "
-                                                     "an ensemble whose averaged soft targets the student learns"}}),
+                                                     "an ensemble whose combined soft targets (ensemble_rule) the student learns"}}),
         "condense": typed(CondenseJob, CONDENSE_SERVER_FIELDS,
                           {"source": {"type": "string", "default": "mnist",
                                       "description": "a data set name, or job:ID of a finished distill job (data-free)"}}),
