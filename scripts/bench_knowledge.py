@@ -50,19 +50,17 @@ VARIANTS = {"logits": {}, "hint": {"hint": 1.0}, "attention": {"attention": 1.0}
 
 def export_convnet_pt2() -> None:
     """The instance-norm ConvNet handed over as a ``.pt2`` program only (as an owner would)."""
+    from datafree.data import InputSpec
     from datafree.export import export_program
-    from datafree.teacher import load_model
 
     model, card = load_model(ROOT / "assets/suite/mnist_convnet_in.safetensors")
-    from datafree.data import InputSpec
-
     path = ROOT / CONVNET_PT2
     path.parent.mkdir(parents=True, exist_ok=True)
     export_program(model.eval(), InputSpec.from_dict(card["input_spec"]), path, {"arch": card.get("arch")})
 
 
-def _predictions(student_dir: Path, test: ImageSet) -> dict:
-    """The run's student's test predictions, and every member's and ensemble's."""
+def _predictions(student_dir: Path, test: ImageSet):
+    """The run's student's test predictions, and a function giving any teacher's (in its own input space)."""
     from datafree.data import InputSpec
 
     student, card = load_model(student_dir / "student.safetensors")

@@ -74,7 +74,8 @@ def test_a_run_from_an_ensemble_records_every_teacher(tmp_path):
     from datafree.condense_job import teacher_of_run
     from datafree.io import sha256_file
 
-    cfg = resolve_distill_config("dfq", overrides={"teacher": [LENET, OWNER_PT2], "out": str(tmp_path / "run"), **TINY})
+    cfg = resolve_distill_config("dfq", overrides={"teacher": [LENET, OWNER_PT2], "out": str(tmp_path / "run"),
+                                                   "ensemble_rule": "probs", **TINY})  # not the default: a derived job must read it
     summary = run_distill(cfg, progress=False)
     assert [t["path"] for t in summary["teachers"]] == [LENET, OWNER_PT2]
     assert [t["sha256"] for t in summary["teachers"]] == [sha256_file(LENET), sha256_file(OWNER_PT2)]
@@ -83,7 +84,7 @@ def test_a_run_from_an_ensemble_records_every_teacher(tmp_path):
     assert manifest["teachers"] == summary["teachers"] and len(manifest["teacher_sha256"]) == 64
     teacher, _ = teacher_of_run(tmp_path / "run")  # the run's teachers, each checked against its hash
     assert isinstance(teacher, TeacherEnsemble) and len(teacher.members) == 2
-    assert summary["ensemble_rule"] == teacher.rule == "logits"  # the rule the run used, and a derived job uses it too
+    assert summary["ensemble_rule"] == teacher.rule == "probs"  # the rule the run used, and a derived job uses it too
 
 
 def test_the_command_line_takes_several_teachers(tmp_path, capsys):
