@@ -15,6 +15,11 @@ Registry by name:
   the oldest network is replaced every ``refresh_every`` steps;
 - baselines ``random``, ``herding`` and ``kcenter`` (faiss), which select real images.
 
+In data-free mode (a transfer set as the source) the matching methods can add *teacher terms* on
+the augmented synthetic images (:func:`teacher_terms`): the teacher's cross-entropy to each image's
+class and its BatchNorm-statistics prior (as DeepInversion, Yin et al. 2020), so that the matched
+images stay what the teacher calls their class and look, to its BN layers, like its training data.
+
 Example:
     >>> from datafree.data import load_dataset
     >>> source = load_dataset("mnist", train=True)                # $DATAFREE_DATA, or --data-dir
@@ -72,6 +77,8 @@ class CondenseSettings:
     refresh_every: int = 30               # gm_pool: matching steps between replacing the oldest network
     aug_draws: int = 4                    # gm_pool: cached augmentation draws per network and class
     pool_train_steps: int = 50            # gm_pool: a pool network is trained on the real data for 0..this many steps
+    teacher_ce: float = 0.0               # data-free: weight of the teacher's cross-entropy on the synthetic images
+    teacher_bn: float = 0.0               # data-free: weight of the teacher's BN-statistics prior on them
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0
@@ -94,13 +101,14 @@ class Condensed:
 
 
 def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=None, checkpoint=None, resume: bool = False,
-             shards: "Shards | None" = None, **kwargs) -> Condensed:
+             shards: "Shards | None" = None, teacher=None, **kwargs) -> Condensed:
     """Condense ``source`` to ``ipc`` images per class with a registered method.
 
     ``progress(done, total, record)`` is called after each iteration. With ``checkpoint`` (a file
     path), the matching methods save their state there; ``resume=True`` continues from it.
     ``shards`` splits the classes of the matching methods across processes (:class:`Shards`).
-    Keyword arguments are :class:`CondenseSettings` fields.
+    ``teacher`` (a :class:`~datafree.teacher.Teacher` taking the source's images) is needed by the
+    teacher terms (``teacher_ce``, ``teacher_bn``). Keyword arguments are :class:`CondenseSettings` fields.
 
     Example:
         >>> spec = InputSpec(1, 28, (0.5,), (0.5,), [str(c) for c in range(10)])
@@ -114,8 +122,14 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
         raise UserError(f"unknown condensation setting {unknown[0]!r}")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
     check_source(source, method, settings)
+    if settings.teacher_ce or settings.teacher_bn:
+        if teacher is None:
+            raise UserError("the teacher terms (teacher_ce, teacher_bn) need the teacher: condense a distill run's transfer set")
+        run_kwargs = {"teacher": teacher}
+    else:
+        run_kwargs = {}
     return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
-               shards=shards or Shards())
+               shards=shards or Shards(), **run_kwargs)
 
 
 def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
@@ -127,6 +141,10 @@ def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
         raise UserError(f"factor {s.factor} does not divide the image size {source.spec.size}")
     if s.factor > 1 and method not in MATCHING_METHODS:
         raise UserError(f"factor applies to the matching methods ({', '.join(MATCHING_METHODS)}), not to {method!r}")
+    if (s.teacher_ce or s.teacher_bn) and method not in MATCHING_METHODS:
+        raise UserError(f"the teacher terms apply to the matching methods ({', '.join(MATCHING_METHODS)}), not to {method!r}")
+    if s.teacher_ce < 0 or s.teacher_bn < 0:
+        raise UserError(f"the teacher terms' weights must be 0 or more (teacher_ce {s.teacher_ce}, teacher_bn {s.teacher_bn})")
     counts = torch.bincount(source.labels, minlength=source.spec.num_classes)
     needed = s.ipc * s.factor ** 2
     if int(counts.min()) < needed:
@@ -291,6 +309,32 @@ def synthetic_distance(net: nn.Module, params: list, images: torch.Tensor, c: in
     return match_distance(g_syn, g_real)
 
 
+def teacher_terms(teacher, images: torch.Tensor, classes: list[int], per_class: int, augment: SiameseAugment,
+                  g: torch.Generator, s: CondenseSettings) -> torch.Tensor:
+    """Data-free condensation's teacher terms on the synthetic images of ``classes`` (0 without a teacher).
+
+    One augmentation draw (``augment``, from ``g``) for the batch, then ``s.teacher_ce`` x the
+    teacher's cross-entropy to each image's class plus ``s.teacher_bn`` x its BN-statistics prior
+    (DeepInversion, Yin et al. 2020; 0 for a teacher without BatchNorm). ``images`` holds
+    ``per_class`` images per class, classes in order.
+
+    Example:
+        >>> teacher_terms(None, torch.zeros(10, 1, 28, 28), [0], 10, SiameseAugment(), torch.Generator(), CondenseSettings())
+        tensor(0.)
+    """
+    if teacher is None or not (s.teacher_ce or s.teacher_bn):
+        return images.new_zeros(())
+    from datafree.priors import BNStatistics
+
+    mine = torch.cat([images[c * per_class:(c + 1) * per_class] for c in classes])
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    logits = teacher(augment(mine, g))
+    loss = s.teacher_ce * F.cross_entropy(logits, labels)
+    if s.teacher_bn and teacher.bn_taps():
+        loss = loss + s.teacher_bn * BNStatistics()(teacher.bn_taps())[0]
+    return loss
+
+
 class MatchingRun:
     """Bookkeeping shared by the matching condensers: iteration count, history, time budget,
     progress, and checkpoints taken at iteration boundaries so that a resumed run equals an
@@ -388,7 +432,7 @@ class MatchingRun:
 
 
 def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: SiameseAugment | None, shards: Shards,
-                       **run_kwargs) -> Condensed:
+                       teacher=None, **run_kwargs) -> Condensed:
     rng = torch.Generator().manual_seed(s.seed)  # draws every process makes alike (start, inner training)
     torch.manual_seed(s.seed)                     # the fresh networks' weights
     k = source.spec.num_classes
@@ -399,6 +443,7 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     syn_labels = torch.arange(k).repeat_interleave(per_class)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt_img, shards=shards, **run_kwargs)
+    teacher_augment = dsa or SiameseAugment(families_for(source.name))
     outer, inner = s.loops()
     with run.saving_on_interrupt():
         while run.next_iteration():
@@ -407,8 +452,10 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
             losses = []
             for ol in range(outer):
                 draws = lambda c: class_generator(s.seed, run.iteration, ol, c)  # noqa: E731
-                loss = gradient_matching_loss(net, source.images, by_class, decode(syn, s.factor), per_class, s.real_per_class,
+                decoded = decode(syn, s.factor)
+                loss = gradient_matching_loss(net, source.images, by_class, decoded, per_class, s.real_per_class,
                                               draws, dsa, mine)
+                loss = loss + teacher_terms(teacher, decoded, mine, per_class, teacher_augment, draws(-1), s)
                 losses.append(run.step(loss))
                 if ol == outer - 1 or run.out_of_time():
                     break
@@ -504,7 +551,7 @@ class NetworkPool:
 
 
 @register_condenser("gm_pool")
-def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kwargs) -> Condensed:
+def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
     """Gradient matching with DSA over a network pool whose real gradients are cached (:class:`NetworkPool`).
 
     One iteration is one matching step: every class's synthetic images, under one of the cached
@@ -530,13 +577,14 @@ def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **r
                 p, g_real = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
                 x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
                 loss = loss + synthetic_distance(net, params, x, c, g_real)
+            loss = loss + teacher_terms(teacher, decoded, mine, per_class, augment, class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
                      history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
 
 
 @register_condenser("dm")
-def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kwargs) -> Condensed:
+def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
     """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA."""
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
@@ -560,6 +608,8 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, **run_kw
                 real = net.forward_features(augment.apply(source.images[idx], p))
                 mine = net.forward_features(augment.apply(decoded[c * per_class:(c + 1) * per_class], p))
                 loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
+            loss = loss + teacher_terms(teacher, decoded, shards.mine(k), per_class, augment,
+                                        class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(s.ipc * s.factor ** 2),
                      history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)

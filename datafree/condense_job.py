@@ -43,6 +43,9 @@ SCHEDULES = ("cpu", "published")
 # the published DC/DSA schedule (Zhao et al. 2021, their code's defaults): width-128 ConvNet, 256 real
 # images per class per step, outer x inner loops of 1 x 1 (ipc 1), 10 x 50 (ipc 10), 50 x 10 (ipc 50)
 PUBLISHED = {"net_width": 128, "real_per_class": 256}
+# Data-free condensation's teacher terms (see condense.teacher_terms), chosen on a validation split
+# of the training data (BENCHMARKS.md, "Data-free condensation with teacher terms").
+TEACHER_TERMS = {"teacher_ce": 1.0, "teacher_bn": 10.0}
 PUBLISHED_METHODS = ("dc", "dsa")
 
 
@@ -84,6 +87,12 @@ class CondenseJob:
     epochs: int = describe("epochs of the evaluation protocol", 300, ge=1)
     test: str | None = describe("real test set for evaluate (default: the source's)")
     soft_labels: bool = describe("data-free mode: keep the teacher's softmax with each image", False)
+    teacher_ce: float | None = describe(
+        "data-free mode, matching methods: weight of the teacher's cross-entropy to each synthetic image's class "
+        f"(default {TEACHER_TERMS['teacher_ce']:g}, chosen on a validation split; a real source has no teacher)", ge=0)
+    teacher_bn: float | None = describe(
+        "data-free mode, matching methods: weight of the teacher's BatchNorm-statistics prior on the synthetic images "
+        f"(default {TEACHER_TERMS['teacher_bn']:g}, chosen on a validation split; nothing for a teacher without BN)", ge=0)
     data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
     download: bool = describe("let torchvision download a missing data set (needs the network)", False)
     devices: int = describe("processes per machine; the classes are split across them (Lightning Fabric)", 1, ge=1)
@@ -105,6 +114,19 @@ class CondenseJob:
         if self.time_budget is None or isinstance(self.time_budget, (int, float)):
             return float(self.time_budget) if self.time_budget else None
         return parse_duration(self.time_budget)
+
+    def teacher_weights(self, data_free: bool) -> dict:
+        """The teacher terms' weights this job runs with: the defaults in data-free mode (matching
+        methods), none otherwise; a weight given for a real source is refused in one sentence."""
+        given = {name: getattr(self, name) for name in TEACHER_TERMS if getattr(self, name) is not None}
+        if not data_free:
+            if any(given.values()):
+                raise UserError(f"config field {next(n for n, v in given.items() if v)!r}: the teacher terms need a distill "
+                                "run folder as the source (its teacher); a real data set has none")
+            return {}
+        if self.method not in MATCHING_METHODS:
+            return given
+        return TEACHER_TERMS | given
 
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
@@ -248,8 +270,10 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
 
     job.validate()
     source, source_info, data_free = load_source(job)
-    check_source(source, job.method, CondenseSettings(ipc=job.ipc, **job.settings()))  # before anything is written
-    teacher = teacher_of_run(Path(job.source))[0] if job.soft_labels else None  # checked before hours of work
+    settings = job.settings() | job.teacher_weights(data_free)
+    check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
+    needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
+    teacher = teacher_of_run(Path(job.source))[0] if needs_teacher else None  # checked before hours of work
     out = Path(job.out)
     checkpoint = out / CHECKPOINT
     if job.resume and not checkpoint.is_file():
@@ -262,14 +286,14 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     shards = _shards(job)
     bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
                     report=shards.is_main)
-    settings = job.settings()
     with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
         result = condense(source, job.method, job.ipc, seed=job.seed, progress=bar, checkpoint=checkpoint, resume=job.resume,
-                          shards=shards, **settings)
+                          shards=shards, teacher=teacher, **settings)
     bar.close()
     if not shards.is_main:
         return {"rank": shards.rank}
-    return write_condensed(job, result, source, source_info, data_free, teacher, settings, shards.world)
+    return write_condensed(job, result, source, source_info, data_free, teacher if job.soft_labels else None, settings,
+                           shards.world)
 
 
 OUTPUTS = ("dataset.safetensors", "manifest.json", "history.jsonl", "report.html", "audit.json", CHECKPOINT)

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.condense_job import CondenseJob, run_condense  # noqa: E402
+from datafree.condense_job import TEACHER_TERMS, CondenseJob, run_condense  # noqa: E402
 from datafree.data import ImageSet, dataset_spec, load_dataset  # noqa: E402
 from datafree.evaluate import PROTOCOL, evaluate_set  # noqa: E402
 from datafree.export import init_sources, read_set  # noqa: E402
@@ -91,6 +91,8 @@ def main():
     parser.add_argument("--factor", type=int, default=1, help="multi-formation factor of the matching methods (rows of their own)")
     parser.add_argument("--references", help="image folders made by other code to score in the same run (comma-separated)")
     parser.add_argument("--reference-test", default="mnist", help="the real test set of the --references")
+    parser.add_argument("--teacher-terms", default="default", choices=("default", "off", "both"),
+                        help="data-free rows: the job's default teacher terms, none (teacher_ce = teacher_bn = 0), or a row of each")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     settings = {}
@@ -106,13 +108,16 @@ def main():
         dataset = ":".join(dataset)
         source, test_name, label = _source(dataset)
         test = load_dataset(test_name, train=False)
-        for init in args.inits.split(",") if method in ITERATION_IS else ["-"]:
+        data_free_matching = "free" in label and method in ITERATION_IS
+        terms = {"both": ["default", "off"]}.get(args.teacher_terms, [args.teacher_terms]) if data_free_matching else ["-"]
+        for init, term in [(i, t) for i in (args.inits.split(",") if method in ITERATION_IS else ["-"]) for t in terms]:
             factor = args.factor if method in ITERATION_IS else 1
             out = ROOT / "bench" / "condense_runs" / (f"{label.split()[0]}_{'free_' if 'free' in label else ''}ipc{ipc}_{method}_{budget}_{init}"
-                                                      + (f"_factor{factor}" if factor > 1 else ""))
+                                                      + (f"_factor{factor}" if factor > 1 else "") + ("_noteacher" if term == "off" else ""))
+            off = {"teacher_ce": 0.0, "teacher_bn": 0.0} if term == "off" else {}
             job = CondenseJob(source=source, out=str(out), ipc=int(ipc), method=method, steps=args.iterations, overwrite=True,
                               time_budget=None if budget == "-" else budget, init=init if init != "-" else "real",
-                              progress=not args.no_progress, factor=factor, **settings)
+                              progress=not args.no_progress, factor=factor, **settings, **off)
             started = time.monotonic()
             run_condense(job)
             seconds = time.monotonic() - started
@@ -121,7 +126,10 @@ def main():
                                   models=args.models, epochs=args.epochs)
             published = None if "free" in label else PUBLISHED.get((dataset, method))  # no published data-free row
             column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
+            used = {k: manifest["settings"].get(k) for k in TEACHER_TERMS}
             row = {"dataset": label, "ipc": int(ipc), "method": method, "budget": budget, "init": init, "factor": factor,
+                   "teacher_terms": (", ".join(f"{k.split('_')[1]} {v:g}" for k, v in used.items()) if any(used.values())
+                                     else "off") if data_free_matching else None,
                    "iterations": manifest.get("iterations_done") or None, "seconds": round(seconds, 1), "mean": scored["mean"],
                    "std": scored["std"], "accuracies": scored["accuracies"],
                    "published": published[column] if published and column is not None else None,
@@ -159,7 +167,8 @@ def _common(args) -> dict:
 def write_results(args, rows):
     out = Path(args.out)
     old = json.loads(out.read_text())["rows"] if args.merge and out.is_file() else []
-    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"), r.get("init", "real"), r.get("factor", 1))  # noqa: E731
+    key = lambda r: (r["dataset"], r["ipc"], r["method"], r.get("budget"), r.get("init", "real"), r.get("factor", 1),  # noqa: E731
+                     r.get("teacher_terms"))
     merged = {key(r): r for r in old}
     merged.update({key(r): r for r in rows})
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -173,7 +182,8 @@ def write_results(args, rows):
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         storage = f"{r['ipc']}" + (f" (factor {r['factor']}: {r['ipc'] * r['factor'] ** 2} decoded)" if r.get("factor", 1) > 1 else "")
-        lines.append(f"| {r['dataset']} | {storage} | {r['method']} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
+        method = r["method"] + (f" + teacher ({r['teacher_terms']})" if r.get("teacher_terms") not in (None, "off") else "")
+        lines.append(f"| {r['dataset']} | {storage} | {method} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
                      f"{r['iterations'] or '-'} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['mean']} +- {r['std']} | "
                      f"{r['published'] if r['published'] is not None else '-'} | {r.get('load', 'see the notes below')} |")
     audited = [r for r in result["rows"] if r.get("audit")]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from datafree.augment import ALL_FAMILIES, SiameseAugment
+from datafree.augment import ALL_FAMILIES, SiameseAugment, families_for
 from datafree.cli import main
 from datafree.condense import CONDENSERS, CondenseSettings, condense, match_distance
 from datafree.data import ImageSet, InputSpec, load_dataset
@@ -385,24 +385,32 @@ def test_time_budget_is_checked_inside_an_iteration(tiny_mnist):
     assert time.monotonic() - started < 10 and len(result.history) == 1  # one long iteration cut short
 
 
-def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist, tmp_path, capsys):
-    """A folder in the distill run's format (what ``datafree distill`` writes); its images here are
-    class-balanced stand-ins so that every class has one, labelled by the shipped teacher."""
+def _transfer_run(images, folder):
+    """A folder in the distill run's format (what ``datafree distill`` writes) holding ``images``
+    labelled by the shipped teacher; returns ``(folder, teacher, teacher_path)``."""
     from conftest import TEACHERS
-    from datafree.data import no_real_data
     from datafree.io import save_tensors, sha256_file, write_json
     from datafree.teacher import load_teacher
     from datafree.training import predict
 
     teacher_path = TEACHERS / "mnist_lenet5.safetensors"
     teacher = load_teacher(teacher_path)
-    logits = predict(teacher, tiny_mnist.images)
-    run = tmp_path / "run"
-    run.mkdir()
-    save_tensors(run / "transfer.safetensors", {"images": tiny_mnist.images, "teacher_logits": logits, "labels": logits.argmax(1)})
-    write_json(run / "manifest.json", {"schema": "datafree-transfer/1", "input_spec": teacher.spec.to_dict(),
-                                       "teacher_sha256": sha256_file(teacher_path)})
-    (run / "config.yaml").write_text(f"teacher: {teacher_path}\n")
+    logits = predict(teacher, images)
+    folder.mkdir()
+    save_tensors(folder / "transfer.safetensors", {"images": images, "teacher_logits": logits, "labels": logits.argmax(1)})
+    write_json(folder / "manifest.json", {"schema": "datafree-transfer/1", "input_spec": teacher.spec.to_dict(),
+                                          "teacher_sha256": sha256_file(teacher_path)})
+    (folder / "config.yaml").write_text(f"teacher: {teacher_path}\n")
+    return folder, teacher, teacher_path
+
+
+def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist, tmp_path, capsys):
+    """The transfer set's images here are class-balanced stand-ins so that every class has one."""
+    from datafree.data import no_real_data
+    from datafree.io import sha256_file
+    from datafree.training import predict
+
+    run, teacher, teacher_path = _transfer_run(tiny_mnist.images, tmp_path / "run")
     with no_real_data("the test"):  # any attempt to load a real data set inside would raise
         assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "dm", "--steps", "2",
                      "--net-width", "8", "--real-per-class", "4", "--soft-labels", "--out", str(tmp_path / "c"), "--no-progress"]) == 0
@@ -415,6 +423,65 @@ def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist,
     (run / "config.yaml").write_text("teacher: /nowhere/teacher.safetensors\n")
     assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--out", str(tmp_path / "d")]) == 2
     assert "the run's teacher '/nowhere/teacher.safetensors'" in capsys.readouterr().err
+
+
+def test_teacher_terms_are_the_teachers_cross_entropy_and_bn_prior(tiny_mnist):
+    from conftest import TEACHERS
+    from datafree.condense import teacher_terms
+    from datafree.priors import BNStatistics
+    from datafree.teacher import load_teacher
+
+    teacher = load_teacher(TEACHERS / "mnist_lenet5.safetensors")
+    images, augment = tiny_mnist.images[:20], SiameseAugment(families_for("mnist"))  # 10 per class for classes 3 and 7
+    labels = torch.tensor([3, 7]).repeat_interleave(10)
+    ce_only = teacher_terms(teacher, images, [3, 7], 10, augment, torch.Generator().manual_seed(5),
+                            CondenseSettings(teacher_ce=2.0))
+    logits = teacher(augment(images, torch.Generator().manual_seed(5)))
+    assert torch.allclose(ce_only, 2.0 * F.cross_entropy(logits, labels))
+    bn_only = teacher_terms(teacher, images, [3, 7], 10, augment, torch.Generator().manual_seed(5),
+                            CondenseSettings(teacher_bn=3.0))
+    assert torch.allclose(bn_only, 3.0 * BNStatistics()(teacher.bn_taps())[0]) and bn_only > 0
+    assert teacher_terms(teacher, images, [3, 7], 10, augment, torch.Generator(), CondenseSettings()) == 0
+    with pytest.raises(UserError, match="need the teacher"):
+        condense(tiny_mnist, "dm", 1, iterations=1, net_width=8, real_per_class=4, teacher_ce=1.0)
+    with pytest.raises(UserError, match="teacher terms apply to the matching methods"):
+        condense(tiny_mnist, "random", 1, teacher_bn=1.0, teacher=teacher)
+    with pytest.raises(UserError, match="0 or more"):
+        condense(tiny_mnist, "dm", 1, iterations=1, net_width=8, teacher_ce=-1.0, teacher=teacher)
+
+
+@pytest.mark.parametrize("method", ["dc", "dsa", "gm_pool"])
+def test_every_matching_method_takes_the_teacher_terms(tiny_mnist, method):
+    from conftest import TEACHERS
+    from datafree.teacher import load_teacher
+
+    teacher = load_teacher(TEACHERS / "mnist_lenet5.safetensors")
+    small = {"iterations": 1, "net_width": 8, "real_per_class": 4, "outer_loop": 2, "inner_loop": 1, "pool_size": 1,
+             "pool_train_steps": 1, "aug_draws": 1}
+    plain = condense(tiny_mnist, method, 1, **small).images
+    guided = condense(tiny_mnist, method, 1, teacher=teacher, teacher_ce=1.0, teacher_bn=10.0, **small).images
+    assert not torch.allclose(plain, guided)
+
+
+def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tmp_path):
+    from datafree.condense_job import TEACHER_TERMS, job_from_dict
+    from datafree.data import no_real_data
+
+    run, _, _ = _transfer_run(tiny_mnist.images, tmp_path / "run")
+    common = ["condense", "--source", str(run), "--ipc", "1", "--method", "dm", "--steps", "3", "--net-width", "8",
+              "--real-per-class", "4", "--no-progress"]
+    with no_real_data("the test"):
+        assert main(common + ["--out", str(tmp_path / "on")]) == 0
+        assert main(common + ["--teacher-ce", "0", "--teacher-bn", "0", "--out", str(tmp_path / "off")]) == 0
+    on, _, manifest = load_image_set(tmp_path / "on")
+    off, _, manifest_off = load_image_set(tmp_path / "off")
+    assert {k: manifest["settings"][k] for k in TEACHER_TERMS} == TEACHER_TERMS
+    assert manifest_off["settings"]["teacher_ce"] == 0 and manifest_off["settings"]["teacher_bn"] == 0
+    assert not torch.allclose(on.images, off.images)  # the terms moved the images
+    with pytest.raises(UserError, match="'teacher_bn': the teacher terms need a distill run folder"):
+        job_from_dict({"teacher_bn": 1.0}).teacher_weights(data_free=False)
+    assert job_from_dict({"teacher_bn": 0}).teacher_weights(data_free=False) == {}
+    assert job_from_dict({"method": "herding"}).teacher_weights(data_free=True) == {}
 
 
 @pytest.mark.real_data
