@@ -57,8 +57,8 @@ register_condenser = CONDENSERS.register  # decorator for fn(source, settings, p
 
 @dataclass
 class CondenseSettings:
-    """Settings of the matching condensers. The defaults are a CPU schedule: a width-64 matching
-    ConvNet (chosen over 32 on a validation split of the training data, BENCHMARKS.md), 128 real
+    """Settings of the matching condensers. The defaults are a CPU schedule: a width-32 matching
+    ConvNet (chosen over 64 on a validation split of the training data at 4 minutes, BENCHMARKS.md), 128 real
     images per class per step and 10 inner network updates; the published one is
     ``net_width=128, real_per_class=256, inner_loop=50``."""
 
@@ -69,7 +69,7 @@ class CondenseSettings:
     real_per_class: int = 128
     lr_images: float = 0.1
     lr_net: float = 0.01
-    net_width: int = 64
+    net_width: int = 32
     net_depth: int = 3
     init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images

@@ -79,7 +79,7 @@ class CondenseJob:
     pool_size: int | None = describe("gm_pool: networks in the pool (default 6)", ge=1)
     refresh_every: int | None = describe("gm_pool: matching steps between replacing the pool's oldest network (default 30)", ge=1)
     real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
-    net_width: int | None = describe("width of the matching ConvNet (default 64, chosen on a validation split)", ge=1)
+    net_width: int | None = describe("width of the matching ConvNet (default 32, chosen on a validation split)", ge=1)
     outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
     inner_loop: int | None = describe("network updates between matching steps (default by ipc)", ge=1)
     seed: int = describe("seed of every random draw", 0)
