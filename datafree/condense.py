@@ -122,14 +122,10 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
         raise UserError(f"unknown condensation setting {unknown[0]!r}")
     settings = CondenseSettings(ipc=ipc, seed=seed, **kwargs)
     check_source(source, method, settings)
-    if settings.teacher_ce or settings.teacher_bn:
-        if teacher is None:
-            raise UserError("the teacher terms (teacher_ce, teacher_bn) need the teacher: condense a distill run's transfer set")
-        run_kwargs = {"teacher": teacher}
-    else:
-        run_kwargs = {}
+    if (settings.teacher_ce or settings.teacher_bn) and teacher is None:
+        raise UserError("the teacher terms (teacher_ce, teacher_bn) need the teacher: condense a distill run's transfer set")
     return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
-               shards=shards or Shards(), **run_kwargs)
+               shards=shards or Shards(), teacher=teacher)
 
 
 def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
