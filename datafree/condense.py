@@ -13,6 +13,7 @@ Registry by name:
   a queue of partly trained networks); for each network, class and augmentation draw the real
   gradient is computed once, so a matching step is a forward/backward of the synthetic images only;
   the oldest network is replaced every ``refresh_every`` steps;
+- ``dm_pool``: ``dm`` over the same kind of pool, with each network's real mean embeddings cached;
 - baselines ``random``, ``herding`` and ``kcenter`` (faiss), which select real images.
 
 In data-free mode (a transfer set as the source) the matching methods can add *teacher terms* on
@@ -73,10 +74,10 @@ class CondenseSettings:
     net_depth: int = 3
     init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
-    pool_size: int = 6                    # gm_pool: networks in the pool
-    refresh_every: int = 30               # gm_pool: matching steps between replacing the oldest network
-    aug_draws: int = 4                    # gm_pool: cached augmentation draws per network and class
-    pool_train_steps: int = 50            # gm_pool: a pool network is trained on the real data for 0..this many steps
+    pool_size: int = 6                    # gm_pool, dm_pool: networks in the pool
+    refresh_every: int = 30               # gm_pool, dm_pool: matching steps between replacing the oldest network
+    aug_draws: int = 4                    # gm_pool, dm_pool: cached augmentation draws per network and class
+    pool_train_steps: int = 50            # gm_pool, dm_pool: a pool network is trained on the real data for 0..this many steps
     teacher_ce: float = 0.0               # data-free: weight of the teacher's cross-entropy on the synthetic images
     teacher_bn: float = 0.0               # data-free: weight of the teacher's BN-statistics prior on them
     time_budget: float | None = None      # seconds, counted across resumes
@@ -481,12 +482,13 @@ def dsa(source: ImageSet, s: CondenseSettings, progress, **run_kwargs) -> Conden
 
 
 class NetworkPool:
-    """The networks of ``gm_pool`` and their cached real side.
+    """The networks of ``gm_pool`` and ``dm_pool`` and their cached real side.
 
     Network number ``i`` is a function of ``(seed, i)`` alone: a fresh matching ConvNet, trained on
     the real data for a number of SGD steps drawn in ``0..pool_train_steps`` (0: a random network).
     For each of its classes (this process's share) and each of ``aug_draws`` augmentation draws,
-    the pool keeps the draw's parameters and the real batch's gradient. Slot ``j`` holds network
+    the pool keeps the draw's parameters and the real batch's gradient (``kind="gradients"``) or
+    its mean embedding (``kind="means"``, the real side of distribution matching). Slot ``j`` holds network
     ``j`` at first; the k-th refresh puts network ``pool_size + k - 1`` into slot ``(k - 1) % pool_size``,
     so the pool at any step can be rebuilt from the step number (a resume does exactly that).
 
@@ -495,8 +497,9 @@ class NetworkPool:
         >>> net, cache = pool.at(step=0)                                              # doctest: +SKIP
     """
 
-    def __init__(self, source: ImageSet, s: CondenseSettings, augment: SiameseAugment, classes: list[int]):
-        self.source, self.s, self.augment, self.classes = source, s, augment, classes
+    def __init__(self, source: ImageSet, s: CondenseSettings, augment: SiameseAugment, classes: list[int],
+                 kind: str = "gradients"):
+        self.source, self.s, self.augment, self.classes, self.kind = source, s, augment, classes, kind
         self.by_class = _class_index(source.labels, source.spec.num_classes)
         self.slots: dict[int, tuple[int, nn.Module, dict]] = {}  # slot -> (network number, network, cache)
 
@@ -541,8 +544,14 @@ class NetworkPool:
                 idx = self.by_class[c][torch.randint(len(self.by_class[c]), (self.s.real_per_class,), generator=g)]
                 p = self.augment.sample(g)
                 real = self.augment.apply(self.source.images[idx], p)
+                if self.kind == "means":
+                    with torch.no_grad():
+                        cache[c].append((p, net.forward_features(real).mean(0)))
+                    continue
                 grads = torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)
                 cache[c].append((p, [t.detach() for t in grads]))
+        if self.kind == "means":
+            net.requires_grad_(False)  # only the synthetic images take gradients
         return cache
 
 
@@ -608,6 +617,40 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=
                                         class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(s.ipc * s.factor ** 2),
+                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
+
+
+@register_condenser("dm_pool")
+def dm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
+    """Distribution matching over a network pool whose real mean embeddings are cached (:class:`NetworkPool`).
+
+    As ``dm``, but the networks are the pool's (random ones and early snapshots of networks trained
+    on the real data, IDM's "enriched model sampling", Zhao et al. 2023), and the real side of a
+    step is looked up: one matching step is a forward and backward pass of the synthetic images.
+    """
+    rng = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)
+    k = source.spec.num_classes
+    by_class, mine = _class_index(source.labels, k), shards.mine(k)
+    syn, init_source = _init_images(source, s, rng, by_class)
+    syn.requires_grad_(True)
+    per_class = s.ipc * s.factor ** 2
+    augment = SiameseAugment(families_for(source.name))
+    pool = NetworkPool(source, s, augment, mine, kind="means")
+    opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
+    run = MatchingRun(s, progress, rng, syn, opt, method="dm_pool", shards=shards, **run_kwargs)
+    with run.saving_on_interrupt():
+        while run.next_iteration():
+            net, cache = pool.at(run.iteration)
+            decoded, loss = decode(syn, s.factor), syn.new_zeros(())
+            for c in mine:
+                g = class_generator(s.seed, run.iteration, 0, c)
+                p, real_mean = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
+                x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
+                loss = loss + ((real_mean - net.forward_features(x).mean(0)) ** 2).sum()
+            loss = loss + teacher_terms(teacher, decoded, mine, per_class, augment, class_generator(s.seed, run.iteration, 1, -1), s)
+            run.end_iteration({"match_loss": run.step(loss) / k})
+    return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
                      history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
 
 

@@ -174,8 +174,8 @@ PRESETS: dict[str, dict] = {
              "student_steps": 2, "augment": True, "kd_temperature": 20.0, "pool_size": 20000},
 }
 
-CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
-MATCHING_METHODS = ("dc", "dsa", "dm", "gm_pool")  # those that optimise images (the others select real ones)
+CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
+MATCHING_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool")  # those that optimise images (the others select real ones)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
 NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
 

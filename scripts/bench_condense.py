@@ -47,7 +47,8 @@ PUBLISHED = {  # ConvNet test accuracy at 1 / 10 / 50 images per class: Zhao, Mo
 
 ITERATION_IS = {"dc": "one fresh matching network (outer x inner steps by ipc)", "dsa": "one fresh matching network (outer x inner steps by ipc)",
                 "dm": "one matching step on a fresh random network",
-                "gm_pool": "one matching step against a pool network's cached real gradients"}
+                "gm_pool": "one matching step against a pool network's cached real gradients",
+                "dm_pool": "one matching step against a pool network's cached real mean embeddings"}
 
 
 def _source(dataset: str) -> tuple[str, str, str]:

@@ -34,10 +34,22 @@ def split(data: ImageSet, start: int, stop: int) -> ImageSet:
     return ImageSet(data.images[start:stop], data.labels[start:stop], data.spec, data.name)
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """``"refresh_every=5"`` -> ``("refresh_every", 5)``: a condense setting with an int, float or text value."""
+    key, value = item.split("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--candidates", default="dsa:32,dsa:64,dm:32,dm:64", help="METHOD:NET_WIDTH,...")
+    parser.add_argument("--candidates", default="dsa:32,dsa:64,dm:32,dm:64",
+                        help="METHOD:NET_WIDTH[:SETTING=VALUE+SETTING=VALUE],... e.g. dm_pool:32:refresh_every=5+init=kmeans")
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--budget", default="3m")
     parser.add_argument("--epochs", type=int, default=300)
@@ -49,15 +61,16 @@ def main():
     test = load_dataset(args.dataset, train=False)
     rows, sets = [], []
     for candidate in args.candidates.split(","):
-        method, width = candidate.split(":")
+        method, width, *extra = candidate.split(":")
+        settings = dict(_setting(item) for item in extra[0].split("+")) if extra else {}
         started = time.monotonic()
         result = condense(source, method, args.ipc, seed=0, iterations=10 ** 6, time_budget=parse_duration(args.budget),
-                          net_width=int(width))
+                          net_width=int(width), **settings)
         seconds = time.monotonic() - started
         condensed = ImageSet(result.images, result.labels, source.spec, source.name)
         sets.append(condensed)
         val = evaluate_set(condensed, validation, models=args.models, epochs=args.epochs)
-        rows.append({"method": method, "net_width": int(width), "budget": args.budget, "iterations": len(result.history),
+        rows.append({"method": method, "net_width": int(width), "settings": settings, "budget": args.budget, "iterations": len(result.history),
                      "seconds": round(seconds, 1), "validation_acc": val["mean"], "validation_std": val["std"]})
         print(json.dumps(rows[-1]), flush=True)
     chosen = max(rows, key=lambda r: r["validation_acc"])
@@ -69,10 +82,11 @@ def main():
     out = {"machine": machine, "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
            "source": f"{args.dataset} train[0:50000]", "validation": f"{args.dataset} train[50000:60000]", "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print("| method | net width | budget | iterations | validation % | test % (after) | chosen |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | net width | settings | budget | iterations | validation % | test % (after) | chosen |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['net_width']} | {r['budget']} | {r['iterations']} | {r['validation_acc']} | {r['test_acc']} | "
+        extra = " ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        print(f"| {r['method']} | {r['net_width']} | {extra} | {r['budget']} | {r['iterations']} | {r['validation_acc']} | {r['test_acc']} | "
               f"{'yes' if r['chosen'] else ''} |")
 
 

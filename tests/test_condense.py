@@ -67,14 +67,14 @@ def _fixed_net_loss(source, images, method):
     net = create_model("convnet", 10, 1, 28, width=16, depth=3, norm="instance")
     rng = torch.Generator().manual_seed(7)
     by_class = _class_index(source.labels, 10)
-    if method == "dm":
+    if method in ("dm", "dm_pool"):
         with torch.no_grad():
             real = torch.stack([net.forward_features(source.images[idx]).mean(0) for idx in by_class])
             return ((net.forward_features(images) - real) ** 2).sum().item()
     return gradient_matching_loss(net, source.images, by_class, images.clone().requires_grad_(), 1, 20, rng).item()
 
 
-@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "gm_pool"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "dm", "gm_pool", "dm_pool"])
 def test_matching_condensers_lower_their_loss(tiny_mnist, method):
     start = condense(tiny_mnist, method, ipc=1, seed=0, iterations=0)
     result = condense(tiny_mnist, method, ipc=1, seed=0, iterations=15, net_width=16, real_per_class=16,
@@ -315,7 +315,8 @@ def test_resumed_condensation_equals_an_uninterrupted_one(tiny_mnist, tmp_path):
         condense(tiny_mnist, "dsa", 2, seed=3, checkpoint=tmp_path / "none.pt", resume=True, **kwargs)
 
 
-def test_the_network_pool_is_rebuilt_from_the_step_so_a_resume_equals_a_whole_run(tiny_mnist, tmp_path):
+@pytest.mark.parametrize("method", ["gm_pool", "dm_pool"])
+def test_the_network_pool_is_rebuilt_from_the_step_so_a_resume_equals_a_whole_run(tiny_mnist, tmp_path, method):
     from datafree.augment import SiameseAugment
     from datafree.condense import CondenseSettings, NetworkPool
 
@@ -323,10 +324,10 @@ def test_the_network_pool_is_rebuilt_from_the_step_so_a_resume_equals_a_whole_ru
     held = [[pool.number_in_slot(slot, step) for slot in range(3)] for step in (0, 1, 2, 4, 6, 8, 13)]
     assert held == [[0, 1, 2], [0, 1, 2], [3, 1, 2], [3, 4, 2], [3, 4, 5], [6, 4, 5], [6, 7, 8]]  # the oldest goes first
     kwargs = dict(iterations=6, net_width=8, real_per_class=8, pool_size=2, refresh_every=1, aug_draws=2, pool_train_steps=3)
-    whole = condense(tiny_mnist, "gm_pool", 1, seed=4, **kwargs)
+    whole = condense(tiny_mnist, method, 1, seed=4, **kwargs)
     ckpt = tmp_path / "c.pt"
-    condense(tiny_mnist, "gm_pool", 1, seed=4, checkpoint=ckpt, **dict(kwargs, iterations=3))
-    resumed = condense(tiny_mnist, "gm_pool", 1, seed=4, checkpoint=ckpt, resume=True, **kwargs)
+    condense(tiny_mnist, method, 1, seed=4, checkpoint=ckpt, **dict(kwargs, iterations=3))
+    resumed = condense(tiny_mnist, method, 1, seed=4, checkpoint=ckpt, resume=True, **kwargs)
     assert torch.equal(resumed.images, whole.images) and len(resumed.history) == 6
 
 
@@ -348,6 +349,15 @@ def test_the_pools_cached_gradient_is_the_real_batchs_gradient(tiny_mnist):
     expected = torch.autograd.grad(F.cross_entropy(net(real), torch.full((8,), 5)), list(net.parameters()))
     assert all(torch.allclose(a, b) for a, b in zip(cache[5][1][1], expected))
     assert not torch.allclose(cache[5][0][1][0], cache[5][1][1][0])  # two draws, two gradients
+
+    means = NetworkPool(tiny_mnist, s, SiameseAugment(), classes=[5], kind="means")
+    net, cache = means.at(step=0)
+    g = class_generator(s.seed, -2, 1, 5)
+    torch.randint(len(_class_index(tiny_mnist.labels, 10)[5]), (8,), generator=g)  # the same draws as above
+    with torch.no_grad():
+        expected_mean = net.forward_features(means.augment.apply(tiny_mnist.images[idx], means.augment.sample(g))).mean(0)
+    assert torch.allclose(cache[5][1][1], expected_mean)  # dm_pool: the real batch's mean embedding
+    assert not any(p.requires_grad for p in net.parameters())
 
 
 def test_the_published_schedule_is_named_and_explicit_fields_win():
@@ -450,7 +460,7 @@ def test_teacher_terms_are_the_teachers_cross_entropy_and_bn_prior(tiny_mnist):
         condense(tiny_mnist, "dm", 1, iterations=1, net_width=8, teacher_ce=-1.0, teacher=teacher)
 
 
-@pytest.mark.parametrize("method", ["dc", "dsa", "gm_pool"])
+@pytest.mark.parametrize("method", ["dc", "dsa", "gm_pool", "dm_pool"])
 def test_every_matching_method_takes_the_teacher_terms(tiny_mnist, method):
     from conftest import TEACHERS
     from datafree.teacher import load_teacher

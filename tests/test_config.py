@@ -51,7 +51,7 @@ def test_yaml_and_flags_are_checked_alike(tmp_path):
 
 def test_condense_job_checks():
     assert job_from_dict({"ipc": 3, "time_budget": 90}).budget_seconds() == 90.0
-    with pytest.raises(UserError, match="unknown method 'magic'; use dc, dsa, dm, gm_pool, random, herding or kcenter"):
+    with pytest.raises(UserError, match="unknown method 'magic'; use dc, dsa, dm, gm_pool, dm_pool, random, herding or kcenter"):
         job_from_dict({"method": "magic"})
     with pytest.raises(UserError, match="config field 'real_per_class' must be at least 1, got 0"):
         job_from_dict({"real_per_class": 0})
