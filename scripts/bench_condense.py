@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from datafree.condense_job import TEACHER_TERMS, CondenseJob, run_condense  # noqa: E402
 from datafree.data import ImageSet, dataset_spec, load_dataset  # noqa: E402
-from datafree.evaluate import PROTOCOL, evaluate_set  # noqa: E402
+from datafree.evaluate import PROTOCOL, PROTOCOLS, evaluate_set  # noqa: E402
 from datafree.export import init_sources, read_set  # noqa: E402
 
 PUBLISHED = {  # ConvNet test accuracy at 1 / 10 / 50 images per class: Zhao, Mopuri & Bilen, "Dataset Condensation with
@@ -82,7 +82,12 @@ def main():
     parser.add_argument("--budget", default="15m", help="condensation wall-clock limit per matching run")
     parser.add_argument("--iterations", type=int, default=100000)
     parser.add_argument("--models", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, help="training epochs of each evaluation model (default: the protocol's)")
+    parser.add_argument("--protocol", default="fixed", choices=sorted(PROTOCOLS),
+                        help="evaluation protocol (datafree.evaluate.PROTOCOLS): fixed (300 epochs) or published (1,001)")
+    parser.add_argument("--soft-labels", action="store_true",
+                        help="data-free rows keep the teacher's softmax with each image and are also scored training on it "
+                             "(KD), in a column of its own beside the hard-label result")
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the script, not the methods")
     parser.add_argument("--out", default=str(ROOT / "bench" / "condense.json"))
     parser.add_argument("--merge", action="store_true", help="add to (or replace rows in) an existing --out")
@@ -96,6 +101,7 @@ def main():
                         help="data-free rows: the job's default teacher terms, none (teacher_ce = teacher_bn = 0), or a row of each")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    args.epochs = args.epochs or PROTOCOLS[args.protocol]["epochs"]
     settings = {}
     if args.quick:
         args.rows, args.iterations, args.models, args.epochs = "mnist:1:dc:10s,mnist:1:random:-", 3, 1, 2
@@ -116,15 +122,18 @@ def main():
             out = ROOT / "bench" / "condense_runs" / (f"{label.split()[0]}_{'free_' if 'free' in label else ''}ipc{ipc}_{method}_{budget}_{init}"
                                                       + (f"_factor{factor}" if factor > 1 else "") + ("_noteacher" if term == "off" else ""))
             off = {"teacher_ce": 0.0, "teacher_bn": 0.0} if term == "off" else {}
+            soft = args.soft_labels and "free" in label
             job = CondenseJob(source=source, out=str(out), ipc=int(ipc), method=method, steps=args.iterations, overwrite=True,
                               time_budget=None if budget == "-" else budget, init=init if init != "-" else "real",
-                              progress=not args.no_progress, factor=factor, **settings, **off)
+                              progress=not args.no_progress, factor=factor, soft_labels=soft, **settings, **off)
             started = time.monotonic()
             run_condense(job)
             seconds = time.monotonic() - started
-            condensed, _, manifest = read_set(out)
-            scored = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
-                                  models=args.models, epochs=args.epochs)
+            condensed, soft_labels, manifest = read_set(out)
+            as_test = ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name)
+            scored = evaluate_set(as_test, test, models=args.models, epochs=args.epochs, protocol=args.protocol)
+            kd = evaluate_set(as_test, test, models=args.models, epochs=args.epochs, protocol=args.protocol,
+                              soft_labels=soft_labels) if soft else {}
             published = None if "free" in label else PUBLISHED.get((dataset, method))  # no published data-free row
             column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
             used = {k: manifest["settings"].get(k) for k in TEACHER_TERMS}
@@ -132,7 +141,7 @@ def main():
                    "teacher_terms": (", ".join(f"{k.split('_')[1]} {v:g}" for k, v in used.items()) if any(used.values())
                                      else "off") if data_free_matching else None,
                    "iterations": manifest.get("iterations_done") or None, "seconds": round(seconds, 1), "mean": scored["mean"],
-                   "std": scored["std"], "accuracies": scored["accuracies"],
+                   "std": scored["std"], "accuracies": scored["accuracies"], "soft_mean": kd.get("mean"), "soft_std": kd.get("std"),
                    "published": published[column] if published and column is not None else None,
                    "iteration_is": ITERATION_IS.get(method, "-"), **_common(args)}
             if args.audit:
@@ -146,7 +155,7 @@ def main():
         test = load_dataset(test_name, train=False)
         condensed, _, manifest = read_set(folder, spec=dataset_spec(test_name))
         scored = evaluate_set(ImageSet(condensed.images, condensed.labels, condensed.spec, name=test.name), test,
-                              models=args.models, epochs=args.epochs)
+                              models=args.models, epochs=args.epochs, protocol=args.protocol)
         ipc = len(condensed) // condensed.spec.num_classes
         row = {"dataset": test_name, "ipc": ipc, "method": f"reference:{folder.name}", "budget": folder.name.rsplit("_t", 1)[-1] + " s",
                "init": "-", "iterations": None, "seconds": None, "mean": scored["mean"], "std": scored["std"],
@@ -162,7 +171,7 @@ def main():
 def _common(args) -> dict:
     return {"load": args.load, "command": " ".join(["python", *sys.argv]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "run_date": time.strftime("%Y-%m-%d"),
-            "protocol": f"datafree fixed protocol, {args.models} models x {args.epochs} epochs"}
+            "protocol": f"datafree {args.protocol} protocol, {args.models} models x {args.epochs} epochs"}
 
 
 def write_results(args, rows):
@@ -174,18 +183,21 @@ def write_results(args, rows):
     merged.update({key(r): r for r in rows})
     result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
               "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "protocol": PROTOCOL,
-              "evaluation": f"{args.models} models x {args.epochs} epochs", "rows": list(merged.values())}
+              "evaluation": f"{args.models} models x {args.epochs} epochs ({args.protocol} protocol)", "rows": list(merged.values())}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    lines = [f"Machine: {result['machine']}. Date: {result['date']}. Evaluation: {result['evaluation']} (fixed protocol). "
+    lines = [f"Machine: {result['machine']}. Date: {result['date']}. Evaluation: {result['evaluation']}. "
              f"Last command: `{result['command']}`", "",
-             "| data set | ipc (stored) | method | init | budget | iterations | condensation s | accuracy % (mean +- std) | published % | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| data set | ipc (stored) | method | init | budget | iterations | condensation s | accuracy % (mean +- std) | "
+             "soft labels (KD) % | published % | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         storage = f"{r['ipc']}" + (f" (factor {r['factor']}: {r['ipc'] * r['factor'] ** 2} decoded)" if r.get("factor", 1) > 1 else "")
+        soft = f"{r['soft_mean']} +- {r['soft_std']}" if r.get("soft_mean") is not None else "-"
         method = r["method"] + (f" + teacher ({r['teacher_terms']})" if r.get("teacher_terms") not in (None, "off") else "")
         lines.append(f"| {r['dataset']} | {storage} | {method} | {r.get('init', 'real')} | {r.get('budget', '-')} | "
                      f"{r['iterations'] or '-'} | {r['seconds'] if r['seconds'] is not None else '-'} | {r['mean']} +- {r['std']} | "
+                     f"{soft} | "
                      f"{r['published'] if r['published'] is not None else '-'} | {r.get('load', 'see the notes below')} |")
     audited = [r for r in result["rows"] if r.get("audit")]
     audit_lines = ["| data set | ipc | method | init | budget | accuracy % | near-copies | median nn1/nn2 ratio | median nn1 | "
