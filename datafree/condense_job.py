@@ -68,9 +68,10 @@ class CondenseJob:
         DEFAULT_CONDENSE_METHOD)
     steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
-    init: Literal[INITS] = describe(  # type: ignore[valid-type]
-        "start from random real images of each class, the class's herding picks (representative real images), noise, "
-        "or k-means centres", "real")
+    init: Literal[INITS] | None = describe(  # type: ignore[valid-type]
+        "start from random source images of each class (real), the class's herding picks (representative images), "
+        "noise, or k-means centres of each class; default kmeans for a real data set (chosen on a validation split, "
+        "BENCHMARKS.md), real (random transfer images) in data-free mode")
     factor: int = describe("multi-formation: each stored image holds factor x factor smaller images, decoded to full "
                            "size for training (a different storage budget: report it apart)", 1, ge=1)
     schedule: Literal[SCHEDULES] = describe(  # type: ignore[valid-type]
@@ -128,12 +129,17 @@ class CondenseJob:
             return given
         return TEACHER_TERMS | given
 
+    def init_for(self, data_free: bool) -> str:
+        """The initialisation this job runs with: the one given; else k-means centres of a real source (chosen
+        on a validation split of the training data) and random transfer images in data-free mode."""
+        return self.init or ("real" if data_free else "kmeans")
+
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
 
     def settings(self) -> dict:
         """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
-        chosen = {"iterations": self.steps, "init": self.init, "time_budget": self.budget_seconds(), "factor": self.factor}
+        chosen = {"iterations": self.steps, "time_budget": self.budget_seconds(), "factor": self.factor}
         if self.schedule == "published":
             outer, inner = (1, 1) if self.ipc == 1 else (10, 50) if self.ipc <= 10 else (50, 10)
             chosen |= PUBLISHED | {"outer_loop": outer, "inner_loop": inner}
@@ -270,7 +276,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
 
     job.validate()
     source, source_info, data_free = load_source(job)
-    settings = job.settings() | job.teacher_weights(data_free)
+    settings = job.settings() | {"init": job.init_for(data_free)} | job.teacher_weights(data_free)
     check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
     needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
     teacher = teacher_of_run(Path(job.source))[0] if needs_teacher else None  # checked before hours of work
@@ -329,7 +335,7 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
                 "settings": {k: v for k, v in settings.items() if v is not None},
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
                 "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
-                "init": {"method": job.init if job.method in MATCHING_METHODS else f"selected by {job.method}",
+                "init": {"method": settings["init"] if job.method in MATCHING_METHODS else f"selected by {job.method}",
                          "from_source_images": int((starts >= 0).sum()),
                          "source_index": "dataset.safetensors init_source: the index in the source of the image each "
                                          "condensed image started from (-1: noise or a k-means centre)"},
