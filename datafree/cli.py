@@ -149,7 +149,7 @@ DISTILL_FLAGS = ["teacher", "ensemble_rule", "teacher_input_spec", "student", "s
                  "eval_data", "accelerator", "devices", "num_nodes", "strategy"]
 CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget", "init", "factor", "pool_size", "refresh_every",
                   "real_per_class", "net_width", "outer_loop",
-                  "inner_loop", "soft_labels", "teacher_ce", "teacher_bn", "resume", "seed", "evaluate", "epochs", "test", "devices", "num_nodes", "strategy",
+                  "inner_loop", "soft_labels", "soft_label_model", "teacher_ce", "teacher_bn", "resume", "seed", "evaluate", "epochs", "test", "devices", "num_nodes", "strategy",
                   "out", "overwrite"]
 
 

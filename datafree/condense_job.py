@@ -87,7 +87,10 @@ class CondenseJob:
     evaluate: int = describe("after condensing, train N fresh models with the fixed protocol (report only)", 0, ge=0)
     epochs: int = describe("epochs of the evaluation protocol", 300, ge=1)
     test: str | None = describe("real test set for evaluate (default: the source's)")
-    soft_labels: bool = describe("data-free mode: keep the teacher's softmax with each image", False)
+    soft_labels: bool = describe("keep a labeller's softmax with each image: the run's teacher in data-free mode, "
+                                 "soft_label_model for a real data set", False)
+    soft_label_model: str | None = describe("real data set, with soft_labels: a model trained on the real data "
+                                            "(.safetensors with its card, .pt2 or TorchScript) whose softmax labels each image")
     teacher_ce: float | None = describe(
         "data-free mode, matching methods: weight of the teacher's cross-entropy to each synthetic image's class "
         f"(default {TEACHER_TERMS['teacher_ce']:g}, chosen on a validation split; a real source has no teacher)", ge=0)
@@ -195,9 +198,12 @@ def load_source(job: CondenseJob):
         info = {"name": str(source_path), "kind": "transfer set (no real data)",
                 "sha256": sha256_file(source_path / "transfer.safetensors"),
                 "teacher_sha256": json.loads((source_path / "manifest.json").read_text()).get("teacher_sha256")}
+        if job.soft_label_model:
+            raise UserError("config field 'soft_label_model' is for a real data set; a distill run's teacher labels its transfer set")
         return source, info, True
-    if job.soft_labels:
-        raise UserError("soft labels need a distill run folder as the source (the teacher labels the images)")
+    if job.soft_labels and not job.soft_label_model:
+        raise UserError("soft labels need a labeller: a distill run folder as the source (its teacher), or soft_label_model, "
+                        "a model trained on the real data")
     source = load_dataset(job.source, train=True, data_dir=job.data_dir, download=job.download)
     info = {"name": source.name, "kind": "real data", "split": "train", "count": len(source),
             "sha256": dataset_digest(source.images, source.labels), "sha256_of": "the normalised float32 images, then the int64 labels"}
@@ -279,7 +285,8 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     settings = job.settings() | {"init": job.init_for(data_free)} | job.teacher_weights(data_free)
     check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
     needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
-    teacher = teacher_of_run(Path(job.source))[0] if needs_teacher else None  # checked before hours of work
+    teacher = teacher_of_run(Path(job.source))[0] if needs_teacher and data_free else None  # checked before hours of work
+    labeller = teacher if data_free else soft_label_model(job, source) if job.soft_labels else None
     out = Path(job.out)
     checkpoint = out / CHECKPOINT
     if job.resume and not checkpoint.is_file():
@@ -298,8 +305,25 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     bar.close()
     if not shards.is_main:
         return {"rank": shards.rank}
-    return write_condensed(job, result, source, source_info, data_free, teacher if job.soft_labels else None, settings,
+    return write_condensed(job, result, source, source_info, data_free, labeller if job.soft_labels else None, settings,
                            shards.world)
+
+
+def soft_label_model(job: CondenseJob, source):
+    """The model a real-data job's soft labels come from, checked against the source's image shape and classes."""
+    from datafree.io import sha256_file
+    from datafree.teacher import load_teacher
+
+    path = Path(job.soft_label_model)
+    if not path.is_file():
+        raise UserError(f"config field 'soft_label_model': no model file at {str(path)!r}")
+    model = load_teacher(path)
+    shape = (model.spec.channels, model.spec.size, model.spec.num_classes)
+    if shape != (source.spec.channels, source.spec.size, source.spec.num_classes):
+        raise UserError(f"config field 'soft_label_model': the model takes {model.spec.describe()} but the source is "
+                        f"{source.spec.describe()}")
+    model.sha256 = sha256_file(path)
+    return model
 
 
 OUTPUTS = ("dataset.safetensors", "manifest.json", "history.jsonl", "report.html", "audit.json", CHECKPOINT)
@@ -326,15 +350,16 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
 
     out = Path(job.out)
     soft = None
-    if teacher is not None:
+    if teacher is not None:  # the labeller sees the images in its own input space
         from datafree.training import predict
 
-        soft = predict(teacher, result.images).softmax(1)
+        soft = predict(teacher, teacher.spec.normalize(source.spec.denormalize(result.images))).softmax(1)
     starts = result.init_source if result.init_source is not None else torch.full((len(result.labels),), -1)
     manifest = {"ipc": job.ipc, "method": job.method, "schedule": job.schedule if job.method in PUBLISHED_METHODS else None,
                 "settings": {k: v for k, v in settings.items() if v is not None},
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
-                "soft_labels": "teacher softmax (T=1) of each condensed image" if soft is not None else None,
+                "soft_labels": None if soft is None else "teacher softmax (T=1) of each condensed image" if data_free else
+                {"softmax (T=1) of each condensed image by": str(job.soft_label_model), "sha256": getattr(teacher, "sha256", None)},
                 "init": {"method": settings["init"] if job.method in MATCHING_METHODS else f"selected by {job.method}",
                          "from_source_images": int((starts >= 0).sum()),
                          "source_index": "dataset.safetensors init_source: the index in the source of the image each "

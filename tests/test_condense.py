@@ -604,6 +604,29 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     assert history[:saved] == saved_history
 
 
+def test_a_real_data_set_gets_soft_labels_from_a_model_trained_on_it(tiny_mnist, tmp_path, capsys):
+    from conftest import TEACHERS
+    from datafree.teacher import load_teacher
+    from datafree.training import predict
+
+    source, model = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz"), TEACHERS / "mnist_lenet5.safetensors"
+    common = ["condense", "--source", str(source), "--ipc", "1", "--method", "random", "--no-progress"]
+    assert main(common + ["--soft-labels", "--soft-label-model", str(model), "--out", str(tmp_path / "s")]) == 0
+    images, soft, manifest = load_image_set(tmp_path / "s")
+    teacher = load_teacher(model)
+    expected = predict(teacher, teacher.spec.normalize(images.spec.denormalize(images.images))).softmax(1)
+    assert torch.allclose(soft, expected, atol=1e-5)  # the model saw the images in its own input space
+    assert (soft.argmax(1) == images.labels).float().mean() >= 0.9  # it knows these digits
+    assert manifest["soft_labels"]["sha256"] and manifest["soft_labels"]["softmax (T=1) of each condensed image by"] == str(model)
+    assert main(common + ["--soft-labels", "--soft-label-model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "n")]) == 2
+    assert "no model file" in capsys.readouterr().err
+    run, _, _ = _transfer_run(tiny_mnist.images, tmp_path / "run")
+    assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--soft-label-model",
+                 str(model), "--out", str(tmp_path / "d")]) == 2
+    assert "is for a real data set" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists() and not (tmp_path / "d").exists()
+
+
 def _tiny_npz(tiny_mnist, path):
     """20 real digits a class as an .npz source: quick to load in each process."""
     import numpy as np
