@@ -90,7 +90,8 @@ class CondenseJob:
     soft_labels: bool = describe("keep a labeller's softmax with each image: the run's teacher in data-free mode, "
                                  "soft_label_model for a real data set", False)
     soft_label_model: str | None = describe("real data set, with soft_labels: a model trained on the real data "
-                                            "(.safetensors with its card, .pt2 or TorchScript) whose softmax labels each image")
+                                            "(.safetensors with its card, or a .pt2 taking [0, 1] pixels) whose softmax "
+                                            "labels each image")
     teacher_ce: float | None = describe(
         "data-free mode, matching methods: weight of the teacher's cross-entropy to each synthetic image's class "
         f"(default {TEACHER_TERMS['teacher_ce']:g}, chosen on a validation split; a real source has no teacher)", ge=0)
@@ -132,10 +133,11 @@ class CondenseJob:
             return given
         return TEACHER_TERMS | given
 
-    def init_for(self, data_free: bool) -> str:
-        """The initialisation this job runs with: the one given; else k-means centres of a real source (chosen
-        on a validation split of the training data) and random transfer images in data-free mode."""
-        return self.init or ("real" if data_free else "kmeans")
+    def init_for(self, data_free: bool, resumed: str | None = None) -> str:
+        """The initialisation this job runs with: the one given; else the one a resumed run started with
+        (``resumed``, from its checkpoint); else k-means centres of a real source (chosen on a validation
+        split of the training data) and random transfer images in data-free mode."""
+        return self.init or resumed or ("real" if data_free else "kmeans")
 
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
@@ -282,7 +284,11 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
 
     job.validate()
     source, source_info, data_free = load_source(job)
-    settings = job.settings() | {"init": job.init_for(data_free)} | job.teacher_weights(data_free)
+    if job.soft_label_model and not job.soft_labels:
+        raise UserError("config field 'soft_label_model' labels the images only with soft_labels on; add --soft-labels")
+    settings = job.settings() | job.teacher_weights(data_free)
+    if job.method in MATCHING_METHODS:  # the selection methods pick source images: no start to choose
+        settings["init"] = job.init_for(data_free, _checkpoint_init(Path(job.out) / CHECKPOINT) if job.resume else None)
     check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
     needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
     teacher = teacher_of_run(Path(job.source))[0] if needs_teacher and data_free else None  # checked before hours of work
@@ -307,6 +313,15 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         return {"rank": shards.rank}
     return write_condensed(job, result, source, source_info, data_free, labeller if job.soft_labels else None, settings,
                            shards.world)
+
+
+def _checkpoint_init(path: Path) -> str | None:
+    """The initialisation a checkpointed run started with (None when there is no readable checkpoint):
+    a run resumed without ``init`` keeps its own, even if the default has changed since."""
+    try:
+        return json.loads(torch.load(path, map_location="cpu", weights_only=True)["key"]).get("init")
+    except Exception:
+        return None  # the resume itself says what is wrong with the checkpoint
 
 
 def soft_label_model(job: CondenseJob, source):
@@ -360,7 +375,7 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
                 "soft_labels": None if soft is None else "teacher softmax (T=1) of each condensed image" if data_free else
                 {"softmax (T=1) of each condensed image by": str(job.soft_label_model), "sha256": getattr(teacher, "sha256", None)},
-                "init": {"method": settings["init"] if job.method in MATCHING_METHODS else f"selected by {job.method}",
+                "init": {"method": settings.get("init") if job.method in MATCHING_METHODS else f"selected by {job.method}",
                          "from_source_images": int((starts >= 0).sum()),
                          "source_index": "dataset.safetensors init_source: the index in the source of the image each "
                                          "condensed image started from (-1: noise or a k-means centre)"},

@@ -27,6 +27,8 @@ def _plain(annotation) -> tuple[type | None, tuple | None]:
         kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
         if any(typing.get_origin(k) is list for k in kinds):
             return list, None
+        if len(kinds) == 1 and typing.get_origin(kinds[0]) is typing.Literal:  # an optional choice keeps its choices
+            return str, typing.get_args(kinds[0])
         return (kinds[0] if len(kinds) == 1 or str in kinds and kinds[0] is str else str), None
     return annotation, None
 

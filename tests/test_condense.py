@@ -495,7 +495,7 @@ def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tm
     assert manifest["init"]["method"] == manifest["settings"]["init"] == "real"  # data-free: random transfer images
 
 
-def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(tiny_mnist, tmp_path):
+def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(tiny_mnist, tmp_path, capsys):
     from datafree.condense_job import job_from_dict, run_condense
 
     assert job_from_dict({}).init_for(data_free=False) == "kmeans"  # chosen on a validation split (BENCHMARKS.md)
@@ -506,6 +506,20 @@ def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(t
     _, _, manifest = load_image_set(tmp_path / "out")
     assert manifest["settings"]["init"] == manifest["init"]["method"] == "kmeans"
     assert manifest["init"]["from_source_images"] == 0  # k-means centres are no source image
+    # a run checkpointed with another start resumes with it when no init is given (a default may change in between)
+    npz, out = str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz")), tmp_path / "resumed"
+    common = ["condense", "--source", npz, "--ipc", "1", "--method", "dm", "--net-width", "8", "--real-per-class", "4",
+              "--out", str(out), "--no-progress"]
+    assert main(common + ["--steps", "1", "--init", "real"]) == 0
+    assert main(common + ["--steps", "2", "--resume"]) == 0
+    assert load_image_set(out)[2]["settings"]["init"] == "real"
+    assert main(common + ["--steps", "3", "--resume", "--init", "kmeans"]) == 2  # an explicit change is still refused
+    # the selection methods record no start; --init offers its choices
+    assert main(["condense", "--source", npz, "--ipc", "1", "--method", "random", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert "init" not in load_image_set(tmp_path / "r")[2]["settings"]
+    with pytest.raises(SystemExit):
+        main(["condense", "--init", "centroids", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'centroids'" in capsys.readouterr().err
 
 
 @pytest.mark.real_data
@@ -620,11 +634,13 @@ def test_a_real_data_set_gets_soft_labels_from_a_model_trained_on_it(tiny_mnist,
     assert manifest["soft_labels"]["sha256"] and manifest["soft_labels"]["softmax (T=1) of each condensed image by"] == str(model)
     assert main(common + ["--soft-labels", "--soft-label-model", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "n")]) == 2
     assert "no model file" in capsys.readouterr().err
+    assert main(common + ["--soft-label-model", str(model), "--out", str(tmp_path / "w")]) == 2  # without --soft-labels
+    assert "add --soft-labels" in capsys.readouterr().err
     run, _, _ = _transfer_run(tiny_mnist.images, tmp_path / "run")
     assert main(["condense", "--source", str(run), "--ipc", "1", "--method", "random", "--soft-labels", "--soft-label-model",
                  str(model), "--out", str(tmp_path / "d")]) == 2
     assert "is for a real data set" in capsys.readouterr().err
-    assert not (tmp_path / "n").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / name).exists() for name in ("n", "w", "d"))
 
 
 def _tiny_npz(tiny_mnist, path):
@@ -651,7 +667,7 @@ def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path, capsy
         out = tmp_path / f"d{devices}"
         args = ["condense", "--source", str(source), "--method", "dsa", "--ipc", "2", "--steps", "2", "--outer-loop", "2",
                 "--inner-loop", "1", "--net-width", "8", "--real-per-class", "8", "--devices", str(devices), "--out", str(out),
-                "--no-progress"]
+                "--init", "real", "--no-progress"]
         if devices == 1:
             capsys.readouterr()
             done = subprocess.CompletedProcess(args, main(args), *capsys.readouterr())
@@ -736,7 +752,7 @@ def test_audit_traces_real_initialised_images_to_their_sources(tmp_path, capsys)
 
     out = tmp_path / "c"
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "dm", "--steps", "1", "--net-width", "8",
-                 "--real-per-class", "8", "--out", str(out), "--no-progress"]) == 0
+                 "--real-per-class", "8", "--init", "real", "--out", str(out), "--no-progress"]) == 0
     starts = init_sources(out)
     mnist = load_dataset("mnist", train=True)
     assert starts.tolist() and all(mnist.labels[i] == c for c, i in enumerate(starts.tolist()))

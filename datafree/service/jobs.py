@@ -30,7 +30,8 @@ from datafree.errors import UserError
 KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
-CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress"}
+CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress",
+                          "soft_label_model"}  # a path on the server: not a client's to name
 EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str, "soft_labels": bool}
 AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
