@@ -555,13 +555,11 @@ class NetworkPool:
         return cache
 
 
-@register_condenser("gm_pool")
-def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
-    """Gradient matching with DSA over a network pool whose real gradients are cached (:class:`NetworkPool`).
-
-    One iteration is one matching step: every class's synthetic images, under one of the cached
-    augmentation draws, against the cached real gradient of the pool network whose turn it is.
-    """
+def _pool_matching(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher, method: str, kind: str,
+                   lr: float, class_distance, **run_kwargs) -> Condensed:
+    """The loop of ``gm_pool`` and ``dm_pool``: one matching step per iteration, every class's synthetic
+    images under one of the cached augmentation draws against the cached real side (``kind``) of the
+    pool network whose turn it is; ``class_distance(net, images, c, real_side)`` scores one class."""
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     k = source.spec.num_classes
@@ -570,22 +568,32 @@ def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, tea
     syn.requires_grad_(True)
     per_class = s.ipc * s.factor ** 2
     augment = SiameseAugment(families_for(source.name))
-    pool = NetworkPool(source, s, augment, mine)
-    opt = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
-    run = MatchingRun(s, progress, rng, syn, opt, method="gm_pool", shards=shards, **run_kwargs)
+    pool = NetworkPool(source, s, augment, mine, kind=kind)
+    opt = torch.optim.SGD([syn], lr=lr, momentum=0.5)
+    run = MatchingRun(s, progress, rng, syn, opt, method=method, shards=shards, **run_kwargs)
     with run.saving_on_interrupt():
         while run.next_iteration():
             net, cache = pool.at(run.iteration)
-            params, decoded, loss = list(net.parameters()), decode(syn, s.factor), syn.new_zeros(())
+            decoded, loss = decode(syn, s.factor), syn.new_zeros(())
             for c in mine:
                 g = class_generator(s.seed, run.iteration, 0, c)
-                p, g_real = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
-                x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
-                loss = loss + synthetic_distance(net, params, x, c, g_real)
+                p, real_side = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
+                loss = loss + class_distance(net, augment.apply(decoded[c * per_class:(c + 1) * per_class], p), c, real_side)
             loss = loss + teacher_terms(teacher, decoded, mine, per_class, augment, class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
                      history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
+
+
+@register_condenser("gm_pool")
+def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
+    """Gradient matching with DSA over a network pool whose real gradients are cached (:class:`NetworkPool`).
+
+    One iteration is one matching step: every class's synthetic images, under one of the cached
+    augmentation draws, against the cached real gradient of the pool network whose turn it is.
+    """
+    return _pool_matching(source, s, progress, shards, teacher, "gm_pool", "gradients", s.lr_images,
+                          lambda net, x, c, g_real: synthetic_distance(net, list(net.parameters()), x, c, g_real), **run_kwargs)
 
 
 @register_condenser("dm")
@@ -628,30 +636,8 @@ def dm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, tea
     on the real data, IDM's "enriched model sampling", Zhao et al. 2023), and the real side of a
     step is looked up: one matching step is a forward and backward pass of the synthetic images.
     """
-    rng = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)
-    k = source.spec.num_classes
-    by_class, mine = _class_index(source.labels, k), shards.mine(k)
-    syn, init_source = _init_images(source, s, rng, by_class)
-    syn.requires_grad_(True)
-    per_class = s.ipc * s.factor ** 2
-    augment = SiameseAugment(families_for(source.name))
-    pool = NetworkPool(source, s, augment, mine, kind="means")
-    opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
-    run = MatchingRun(s, progress, rng, syn, opt, method="dm_pool", shards=shards, **run_kwargs)
-    with run.saving_on_interrupt():
-        while run.next_iteration():
-            net, cache = pool.at(run.iteration)
-            decoded, loss = decode(syn, s.factor), syn.new_zeros(())
-            for c in mine:
-                g = class_generator(s.seed, run.iteration, 0, c)
-                p, real_mean = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
-                x = augment.apply(decoded[c * per_class:(c + 1) * per_class], p)
-                loss = loss + ((real_mean - net.forward_features(x).mean(0)) ** 2).sum()
-            loss = loss + teacher_terms(teacher, decoded, mine, per_class, augment, class_generator(s.seed, run.iteration, 1, -1), s)
-            run.end_iteration({"match_loss": run.step(loss) / k})
-    return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
-                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
+    return _pool_matching(source, s, progress, shards, teacher, "dm_pool", "means", s.extra.get("lr_dm", 1.0),
+                          lambda net, x, c, real_mean: ((real_mean - net.forward_features(x).mean(0)) ** 2).sum(), **run_kwargs)
 
 
 # --- selection baselines ----------------------------------------------------------------------------
