@@ -92,7 +92,9 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "condense.json"))
     parser.add_argument("--merge", action="store_true", help="add to (or replace rows in) an existing --out")
     parser.add_argument("--load", default="alone", help="what ran beside this benchmark, recorded with every row")
-    parser.add_argument("--inits", default="real", help="initialisations of the matching methods, e.g. real,kmeans,noise")
+    parser.add_argument("--inits", default="default",
+                        help="initialisations of the matching methods, e.g. real,kmeans,noise; default: the job's own "
+                             "(kmeans for a real data set, real in data-free mode)")
     parser.add_argument("--audit", action="store_true", help="audit each set against the real training set")
     parser.add_argument("--factor", type=int, default=1, help="multi-formation factor of the matching methods (rows of their own)")
     parser.add_argument("--references", help="image folders made by other code to score in the same run (comma-separated)")
@@ -124,7 +126,7 @@ def main():
             off = {"teacher_ce": 0.0, "teacher_bn": 0.0} if term == "off" else {}
             soft = args.soft_labels and "free" in label
             job = CondenseJob(source=source, out=str(out), ipc=int(ipc), method=method, steps=args.iterations, overwrite=True,
-                              time_budget=None if budget == "-" else budget, init=init if init != "-" else "real",
+                              time_budget=None if budget == "-" else budget, init=None if init in ("-", "default") else init,
                               progress=not args.no_progress, factor=factor, soft_labels=soft, **settings, **off)
             started = time.monotonic()
             run_condense(job)
@@ -137,6 +139,7 @@ def main():
             published = None if "free" in label else PUBLISHED.get((dataset, method))  # no published data-free row
             column = {1: 0, 10: 1, 50: 2}.get(int(ipc))
             used = {k: manifest["settings"].get(k) for k in TEACHER_TERMS}
+            init = manifest["settings"].get("init", "-")  # what ran: the job's default resolved, or "-" for a selection
             row = {"dataset": label, "ipc": int(ipc), "method": method, "budget": budget, "init": init, "factor": factor,
                    "teacher_terms": (", ".join(f"{k.split('_')[1]} {v:g}" for k, v in used.items()) if any(used.values())
                                      else "off") if data_free_matching else None,
