@@ -23,7 +23,8 @@ ALL_FAMILIES = DIGIT_FAMILIES + ("flip",)
 
 @dataclass
 class AugmentParams:
-    """One draw: the family and its numbers, shared by every image of both batches."""
+    """One draw: the family and its numbers: shape (4,), shared by every image of both batches
+    (siamese), or (n, 4), one row per image (a plain training augmentation)."""
 
     family: str
     values: torch.Tensor
@@ -43,56 +44,61 @@ class SiameseAugment:
         self.brightness, self.saturation, self.contrast = brightness, saturation, contrast
         self.crop, self.cutout, self.scale, self.rotate = crop, cutout, scale, rotate
 
-    def sample(self, rng: torch.Generator) -> AugmentParams:
-        """Draw one family and its parameters."""
+    def sample(self, rng: torch.Generator, per_image: int | None = None) -> AugmentParams:
+        """Draw one family and its parameters: one set for the whole batch (siamese), or with
+        ``per_image=n`` a set for each of n images, as the reference code draws them when it trains
+        an evaluation model (``DiffAugment`` with ``seed=-1``)."""
         family = self.families[int(torch.randint(len(self.families), (1,), generator=rng))]
-        u = torch.rand(4, generator=rng)
+        u = torch.rand(4, generator=rng) if per_image is None else torch.rand(per_image, 4, generator=rng)
         return AugmentParams(family, u)
 
     def apply(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """Apply the drawn augmentation to a batch (differentiable in ``x``)."""
-        return getattr(self, f"_{p.family}")(x, p.values)
+        u = p.values.view(1, 4).expand(len(x), 4) if p.values.dim() == 1 else p.values
+        if len(u) != len(x):
+            raise ValueError(f"{len(u)} per-image draws for a batch of {len(x)}")
+        return getattr(self, f"_{p.family}")(x, u.to(x.dtype))
 
     def __call__(self, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         return self.apply(x, self.sample(rng))
 
-    # --- families ---------------------------------------------------------------------------------
+    # --- families: ``u`` holds one row of four uniform numbers per image ---------------------------
     def _colour(self, x, u):
-        x = x + (u[0] - 0.5) * self.brightness
+        u = u.view(-1, 4, 1, 1, 1)
+        x = x + (u[:, 0] - 0.5) * self.brightness
         if x.shape[1] > 1:
             mean = x.mean(dim=1, keepdim=True)
-            x = (x - mean) * (u[1] * self.saturation) + mean
+            x = (x - mean) * (u[:, 1] * self.saturation) + mean
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        return (x - mean) * (u[2] + self.contrast) + mean
+        return (x - mean) * (u[:, 2] + self.contrast) + mean
 
     def _crop(self, x, u):
         from kornia.geometry.transform import translate
 
-        shift = ((u[:2] * 2 - 1) * self.crop * x.shape[-1]).round()
-        return translate(x, shift.view(1, 2).expand(len(x), 2).to(x.dtype), padding_mode="zeros")
+        shift = ((u[:, :2] * 2 - 1) * self.crop * x.shape[-1]).round()
+        return translate(x, shift, padding_mode="zeros")
 
     def _cutout(self, x, u):
         size = x.shape[-1]
         half = int(size * self.cutout / 2)
-        cy, cx = int(u[0] * size), int(u[1] * size)
-        mask = torch.ones(size, size, dtype=x.dtype, device=x.device)
-        mask[max(0, cy - half):cy + half, max(0, cx - half):cx + half] = 0
-        return x * mask
+        rows = torch.arange(size, device=x.device)
+        centre = (u[:, :2] * size).long()                     # (n, 2): cy, cx
+        inside = (rows >= centre[:, :, None] - half) & (rows < centre[:, :, None] + half)  # (n, 2, size)
+        hole = inside[:, 0, :, None] & inside[:, 1, None, :]  # (n, size, size)
+        return x * (~hole).to(x.dtype)[:, None]
 
     def _scale(self, x, u):
         from kornia.geometry.transform import scale
 
-        factors = (u[:2] * (self.scale - 1 / self.scale) + 1 / self.scale).view(1, 2).expand(len(x), 2)
-        return scale(x, factors.to(x.dtype), padding_mode="zeros")
+        return scale(x, u[:, :2] * (self.scale - 1 / self.scale) + 1 / self.scale, padding_mode="zeros")
 
     def _rotate(self, x, u):
         from kornia.geometry.transform import rotate
 
-        angle = (u[0] * 2 - 1) * self.rotate
-        return rotate(x, angle.expand(len(x)).to(x.dtype), padding_mode="zeros")
+        return rotate(x, (u[:, 0] * 2 - 1) * self.rotate, padding_mode="zeros")
 
     def _flip(self, x, u):
-        return x.flip(-1) if u[0] < 0.5 else x
+        return torch.where(u[:, 0].view(-1, 1, 1, 1) < 0.5, x.flip(-1), x)
 
 
 def families_for(dataset: str) -> tuple[str, ...]:
