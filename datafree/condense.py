@@ -72,6 +72,8 @@ class CondenseSettings:
     lr_net: float = 0.01
     net_width: int = 32
     net_depth: int = 3
+    first_padding: int = 1                # matching ConvNet's first-layer padding: 1 chosen on the validation split over the
+                                          # reference code's 3 for MNIST (models.reference_padding; BENCHMARKS.md)
     init: str = "real"                    # real | herding | noise | kmeans
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
     pool_size: int = 6                    # gm_pool, dm_pool: networks in the pool
@@ -271,9 +273,19 @@ def _init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by
     return encode(source.images[chosen].clone(), s.factor), chosen
 
 
+def matching_net_kwargs(s: CondenseSettings) -> dict:
+    """The ConvNet the matching methods (and the selection features) use, as ``create_model`` kwargs.
+
+    Example:
+        >>> matching_net_kwargs(CondenseSettings())
+        {'width': 32, 'depth': 3, 'norm': 'instance', 'first_padding': 1}
+    """
+    return {"width": s.net_width, "depth": s.net_depth, "norm": "instance", "first_padding": s.first_padding}
+
+
 def _matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
     spec = source.spec
-    return create_model("convnet", spec.num_classes, spec.channels, spec.size, width=s.net_width, depth=s.net_depth, norm="instance")
+    return create_model("convnet", spec.num_classes, spec.channels, spec.size, **matching_net_kwargs(s))
 
 
 def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: list[torch.Tensor], syn: torch.Tensor,
@@ -660,7 +672,7 @@ def random_real(source: ImageSet, s: CondenseSettings, progress, **_) -> Condens
 def _embed(images: torch.Tensor, s: CondenseSettings) -> np.ndarray:
     """Features for selection: a randomly initialised ConvNet's penultimate layer (as in the DC paper)."""
     torch.manual_seed(s.seed)
-    net = create_model("convnet", 10, images.shape[1], images.shape[-1], width=s.net_width, depth=s.net_depth, norm="instance").eval()
+    net = create_model("convnet", 10, images.shape[1], images.shape[-1], **matching_net_kwargs(s)).eval()
     with torch.no_grad():
         return torch.cat([net.forward_features(x) for x in images.split(1024)]).numpy().astype(np.float32)
 

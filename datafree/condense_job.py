@@ -359,6 +359,7 @@ def remove_outputs(out: Path) -> None:
 def write_condensed(job: CondenseJob, result, source, source_info: dict, data_free: bool, teacher, settings: dict,
                     processes: int = 1) -> dict:
     """Write the set, its manifest, history and report into ``job.out`` (evaluating it first if asked)."""
+    from datafree.condense import CondenseSettings, matching_net_kwargs
     from datafree.export import save_image_set
     from datafree.io import write_text
     from datafree.report import write_report
@@ -372,6 +373,8 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
     starts = result.init_source if result.init_source is not None else torch.full((len(result.labels),), -1)
     manifest = {"ipc": job.ipc, "method": job.method, "schedule": job.schedule if job.method in PUBLISHED_METHODS else None,
                 "settings": {k: v for k, v in settings.items() if v is not None},
+                "matching_net": {"arch": "convnet", **matching_net_kwargs(CondenseSettings(ipc=job.ipc, **settings))}
+                if job.method in MATCHING_METHODS else None,
                 "seed": job.seed, "source": source_info, "teacher_sha256": source_info.get("teacher_sha256"),
                 "soft_labels": None if soft is None else "teacher softmax (T=1) of each condensed image" if data_free else
                 {"softmax (T=1) of each condensed image by": str(job.soft_label_model), "sha256": getattr(teacher, "sha256", None)},

@@ -1,7 +1,7 @@
 """The fixed evaluation protocol for condensed sets: train fresh models on the set, score on real test data.
 
 Protocol (as in the dataset-condensation papers): ConvNet width 128, depth 3, instance norm,
-average pooling; SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs;
+average pooling, first-layer padding as the reference code's (3 for 1-channel 28-pixel images); SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs;
 batch 256; DSA augmentation while training (one family per batch, its parameters drawn for each
 image, as the reference ``DiffAugment(seed=-1)``); 300 epochs. Other architectures (``lenet5``,
 ``resnet8``) give cross-architecture numbers under the same optimiser.
@@ -20,7 +20,7 @@ from torch import nn
 from datafree.augment import SiameseAugment, families_for
 from datafree.data import ImageSet
 from datafree.errors import UserError
-from datafree.models import create_model
+from datafree.models import create_model, reference_padding
 from datafree.training import accuracy, fit_supervised
 
 PROTOCOL = {"arch": "convnet", "arch_kwargs": {"width": 128, "depth": 3, "norm": "instance"}, "optimizer": "SGD",
@@ -78,7 +78,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
         if tuple(soft_labels.shape) != (len(train), spec.num_classes):
             raise UserError(f"the soft labels are {tuple(soft_labels.shape)} but the set has {len(train)} images of {spec.num_classes} classes")
         train = ImageSet(train.images, soft_labels.float(), spec, name=train.name)
-    kwargs = PROTOCOL["arch_kwargs"] if arch == "convnet" else {}
+    kwargs = dict(PROTOCOL["arch_kwargs"], first_padding=reference_padding(spec.channels, spec.size)) if arch == "convnet" else {}
     accuracies = []
     bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
     report = report or ProgressFile()

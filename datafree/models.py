@@ -125,13 +125,18 @@ def _norm2d(kind: str, channels: int) -> nn.Module:
 
 
 class ConvNet(Classifier):
-    """The ConvNet of dataset condensation: ``depth`` x [conv3x3(width), norm, ReLU, avgpool 2] -> linear."""
+    """The ConvNet of dataset condensation: ``depth`` x [conv3x3(width), norm, ReLU, avgpool 2] -> linear.
 
-    def __init__(self, num_classes=10, in_channels=1, image_size=28, width=128, depth=3, norm="instance"):
+    ``first_padding`` pads the first convolution; :func:`reference_padding` gives the reference
+    code's choice (3 for 1-channel 28-pixel images, which then run at 32 x 32).
+    """
+
+    def __init__(self, num_classes=10, in_channels=1, image_size=28, width=128, depth=3, norm="instance", first_padding=1):
         super().__init__()
-        layers, c, size = [], in_channels, image_size
-        for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1), _norm2d(norm, width), nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+        layers, c, size = [], in_channels, image_size + 2 * (first_padding - 1)
+        for d in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=first_padding if d == 0 else 1), _norm2d(norm, width),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c, size = width, size // 2
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(width * size * size, num_classes)
@@ -141,6 +146,18 @@ class ConvNet(Classifier):
 
 
 register_model("convnet")(ConvNet)
+
+
+def reference_padding(channels: int, size: int) -> int:
+    """The first-layer padding of the reference DC/DSA/DM ConvNet (VICO-UoE/DatasetCondensation,
+    ``networks.ConvNet``): 3 for 1-channel 28 x 28 inputs (MNIST-like, run as 32 x 32, so three
+    poolings keep 4 x 4 features where 28 x 28 gives 3 x 3, the 7 -> 3 pooling dropping a row and a column), 1 otherwise.
+
+    Example:
+        >>> reference_padding(1, 28), reference_padding(3, 32)
+        (3, 1)
+    """
+    return 3 if channels == 1 and size == 28 else 1
 
 
 # --- CIFAR-style ResNets --------------------------------------------------------------------------

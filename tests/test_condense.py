@@ -78,6 +78,17 @@ def test_evaluation_augmentation_draws_parameters_per_image():
         assert (out - out[:1]).flatten(1).abs().amax(1).gt(1e-4).float().mean() > 0.5
 
 
+def test_convnet_pads_1_channel_28_pixel_inputs_as_the_reference_code():
+    """The reference ConvNet runs MNIST at 32 x 32 (first padding 3): 4 x 4 features, not 3 x 3."""
+    from datafree.models import ConvNet, reference_padding
+
+    assert reference_padding(1, 28) == 3 and reference_padding(3, 32) == 1 and reference_padding(1, 32) == 1
+    net = ConvNet(10, 1, 28, width=8, first_padding=reference_padding(1, 28))
+    assert net.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 8 * 4 * 4)
+    plain = ConvNet(10, 1, 28, width=8)
+    assert plain.head.in_features == 8 * 3 * 3  # the default keeps saved convnet teachers loadable
+
+
 def test_siamese_augment_rejects_unknown_family():
     with pytest.raises(UserError, match="unknown augmentation family"):
         SiameseAugment(families=("warp",))
@@ -531,6 +542,7 @@ def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(t
     _, _, manifest = load_image_set(tmp_path / "out")
     assert manifest["settings"]["init"] == manifest["init"]["method"] == "kmeans"
     assert manifest["init"]["from_source_images"] == 0  # k-means centres are no source image
+    assert manifest["matching_net"] == {"arch": "convnet", "width": 8, "depth": 3, "norm": "instance", "first_padding": 1}
     # a run checkpointed with another start resumes with it when no init is given (a default may change in between)
     npz, out = str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz")), tmp_path / "resumed"
     common = ["condense", "--source", npz, "--ipc", "1", "--method", "dm", "--net-width", "8", "--real-per-class", "4",
