@@ -17,7 +17,7 @@ import statistics
 import torch
 from torch import nn
 
-from datafree.augment import SiameseAugment, families_for
+from datafree.augment import ALL_FAMILIES, SiameseAugment, families_for
 from datafree.data import ImageSet
 from datafree.errors import UserError
 from datafree.models import create_model, reference_padding
@@ -30,11 +30,13 @@ PROTOCOL = {"arch": "convnet", "arch_kwargs": {"width": 128, "depth": 3, "norm":
 # Named protocols: ``fixed`` is this project's (cheap enough for a CPU and the tests); ``published``
 # is how the reference code of DC/DSA/DM (github.com/VICO-UoE/DatasetCondensation, ``main.py`` with
 # DSA and ``main_DM.py``, ``utils.evaluate_synset``) scores a set: ``epoch_eval_train`` 1000 run as
-# epochs 0..1000, lr x0.1 after epoch 501, ``num_eval`` 20 fresh networks, everything else as above.
+# epochs 0..1000, lr x0.1 after epoch 501, ``num_eval`` 20 fresh networks, and its DSA strategy
+# ``color_crop_cutout_flip_scale_rotate`` for every data set (flips digits too; ``fixed`` leaves
+# flips out for digits, :func:`~datafree.augment.families_for`); everything else as above.
 PROTOCOLS = {
-    "fixed": {"epochs": 300, "models": 3, "decay_after": lambda epochs: epochs // 2,
+    "fixed": {"epochs": 300, "models": 3, "decay_after": lambda epochs: epochs // 2, "families": None,
               "source": "datafree's fixed protocol"},
-    "published": {"epochs": 1001, "models": 20, "decay_after": lambda epochs: (epochs - 1) // 2 + 2,
+    "published": {"epochs": 1001, "models": 20, "decay_after": lambda epochs: (epochs - 1) // 2 + 2, "families": ALL_FAMILIES,
                   "source": "VICO-UoE/DatasetCondensation evaluate_synset with DSA: 1000 (+1) epochs, 20 models"},
 }
 
@@ -43,9 +45,9 @@ class DSATransform(nn.Module):
     """DSA as a plain training augmentation: a fresh family for every batch and fresh parameters
     for every image in it (rows before 2026-11-30 21:00 drew one set of parameters per batch)."""
 
-    def __init__(self, dataset: str):
+    def __init__(self, dataset: str, families: tuple[str, ...] | None = None):
         super().__init__()
-        self.dsa = SiameseAugment(families_for(dataset))
+        self.dsa = SiameseAugment(families or families_for(dataset))
 
     def forward(self, x):
         return self.dsa.apply(x, self.dsa.sample(torch.default_generator, per_image=len(x)))
@@ -79,6 +81,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
             raise UserError(f"the soft labels are {tuple(soft_labels.shape)} but the set has {len(train)} images of {spec.num_classes} classes")
         train = ImageSet(train.images, soft_labels.float(), spec, name=train.name)
     kwargs = dict(PROTOCOL["arch_kwargs"], first_padding=reference_padding(spec.channels, spec.size)) if arch == "convnet" else {}
+    augment = DSATransform(test.name or train.name, named["families"])
     accuracies = []
     bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
     report = report or ProgressFile()
@@ -92,7 +95,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
         torch.manual_seed(seed + i)
         model = create_model(arch, spec.num_classes, spec.channels, spec.size, **kwargs)
         fit_supervised(model, train, epochs=epochs, batch_size=PROTOCOL["batch_size"], lr=PROTOCOL["lr"], seed=seed + i,
-                       augment=DSATransform(test.name or train.name), progress=False, momentum=PROTOCOL["momentum"],
+                       augment=augment, progress=False, momentum=PROTOCOL["momentum"],
                        weight_decay=PROTOCOL["weight_decay"], milestones=[decay_after], nesterov=False,
                        on_epoch=lambda done, i=i: epoch_done(i, done))
         accuracies.append(accuracy(model, test))
@@ -101,5 +104,5 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
     return {"mean": round(statistics.fmean(accuracies), 2), "std": round(std, 2), "accuracies": [round(a, 2) for a in accuracies],
             "protocol": dict(PROTOCOL, arch=arch, arch_kwargs=kwargs, epochs=epochs, models=models, seed=seed, name=protocol,
-                             decay_after_epochs=decay_after, source=named["source"],
+                             decay_after_epochs=decay_after, source=named["source"], augment_families=list(augment.dsa.families),
                              labels="soft (the set's soft labels, cross-entropy to them)" if soft_labels is not None else "hard")}

@@ -861,6 +861,10 @@ def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
     assert len(calls) == 20 and {c["epochs"] for c in calls} == {1001} and {tuple(c["milestones"]) for c in calls} == {(502,)}
     assert {(c["lr"], c["momentum"], c["weight_decay"], c["batch_size"]) for c in calls} == {(0.01, 0.9, 5e-4, 256)}
     assert result["protocol"]["name"] == "published" and result["protocol"]["models"] == 20
+    # its DSA strategy flips digits too (color_crop_cutout_flip_scale_rotate); the fixed protocol does not
+    assert "flip" in calls[0]["augment"].dsa.families and "flip" in result["protocol"]["augment_families"]
+    assert result["protocol"]["arch_kwargs"]["first_padding"] == 3  # the reference ConvNet runs MNIST at 32 x 32
+    assert "flip" not in evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1)["protocol"]["augment_families"]
     with pytest.raises(UserError, match="unknown evaluation protocol 'quick'"):
         evaluate.evaluate_set(tiny_mnist, tiny_mnist, protocol="quick")
 
