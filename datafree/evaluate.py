@@ -1,9 +1,10 @@
 """The fixed evaluation protocol for condensed sets: train fresh models on the set, score on real test data.
 
 Protocol (as in the dataset-condensation papers): ConvNet width 128, depth 3, instance norm,
-average pooling, first-layer padding as the reference code's (3 for 1-channel 28-pixel images); SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs;
-batch 256; DSA augmentation while training (one family per batch, its parameters drawn for each
-image, as the reference ``DiffAugment(seed=-1)``); 300 epochs. Other architectures (``lenet5``,
+average pooling, first-layer padding as the reference code's (3 for 1-channel 28-pixel images);
+SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs; batch 256;
+DSA augmentation while training (one family per batch, its parameters drawn for each image, as
+the reference ``DiffAugment(seed=-1)``); 300 epochs. Other architectures (``lenet5``,
 ``resnet8``) give cross-architecture numbers under the same optimiser.
 
 Example:
@@ -43,7 +44,7 @@ PROTOCOLS = {
 
 class DSATransform(nn.Module):
     """DSA as a plain training augmentation: a fresh family for every batch and fresh parameters
-    for every image in it (rows before 2026-11-30 21:00 drew one set of parameters per batch)."""
+    for every image in it (figures made before 2026-11-30, commit ccf44aa, drew one set per batch)."""
 
     def __init__(self, dataset: str, families: tuple[str, ...] | None = None):
         super().__init__()
