@@ -75,6 +75,7 @@ class CondenseSettings:
     first_padding: int = 1                # matching ConvNet's first-layer padding: 1 chosen on the validation split over the
                                           # reference code's 3 for MNIST (models.reference_padding; BENCHMARKS.md)
     init: str = "real"                    # real | herding | noise | kmeans
+    dm_layers: str = "last"               # dm: match the mean of the last embedding ("last", DM) or of every block ("all", as CAFE)
     factor: int = 1                       # multi-formation: each stored image holds factor x factor smaller images
     pool_size: int = 6                    # gm_pool, dm_pool: networks in the pool
     refresh_every: int = 30               # gm_pool, dm_pool: matching steps between replacing the oldest network
@@ -136,6 +137,8 @@ def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
     if s.pool_size < 1 or s.aug_draws < 1 or s.refresh_every < 1:
         raise UserError(f"the network pool needs at least one network, draw and step between refreshes "
                         f"(pool_size {s.pool_size}, aug_draws {s.aug_draws}, refresh_every {s.refresh_every})")
+    if s.dm_layers not in DM_LAYERS:
+        raise UserError(f"unknown dm_layers {s.dm_layers!r}; use {' or '.join(DM_LAYERS)}")
     if s.factor < 1 or source.spec.size % s.factor:
         raise UserError(f"factor {s.factor} does not divide the image size {source.spec.size}")
     if s.factor > 1 and method not in MATCHING_METHODS:
@@ -608,6 +611,28 @@ def gm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, tea
                           lambda net, x, c, g_real: synthetic_distance(net, list(net.parameters()), x, c, g_real), **run_kwargs)
 
 
+DM_LAYERS = ("last", "all")
+
+
+def mean_embedding_distance(net: nn.Module, real: torch.Tensor, mine: torch.Tensor, layers: str = "last") -> torch.Tensor:
+    """Squared distance between the mean embeddings of ``real`` and ``mine`` under ``net``.
+
+    ``layers="last"`` compares the final features (DM, Zhao & Bilen 2023); ``"all"`` sums the
+    distances of every block's output (layer-wise feature alignment, as CAFE, Wang et al. 2022),
+    each scaled to the last block's width so that the large early maps do not drown it.
+
+    Example:
+        >>> net = create_model("convnet", 10, 1, 28, width=8)
+        >>> float(mean_embedding_distance(net, torch.zeros(4, 1, 28, 28), torch.zeros(2, 1, 28, 28), "all"))
+        0.0
+    """
+    if layers == "last":
+        return ((net.forward_features(real).mean(0) - net.forward_features(mine).mean(0)) ** 2).sum()
+    real_blocks, my_blocks = net.block_features(real), net.block_features(mine)
+    width = real_blocks[-1].shape[1]
+    return sum(((r.mean(0) - m.mean(0)) ** 2).sum() * (width / r.shape[1]) for r, m in zip(real_blocks, my_blocks))
+
+
 @register_condenser("dm")
 def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
     """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA."""
@@ -630,9 +655,8 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=
                 g = class_generator(s.seed, run.iteration, 0, c)
                 idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=g)]
                 p = augment.sample(g)
-                real = net.forward_features(augment.apply(source.images[idx], p))
-                mine = net.forward_features(augment.apply(decoded[c * per_class:(c + 1) * per_class], p))
-                loss = loss + ((real.mean(0) - mine.mean(0)) ** 2).sum()
+                loss = loss + mean_embedding_distance(net, augment.apply(source.images[idx], p),
+                                                      augment.apply(decoded[c * per_class:(c + 1) * per_class], p), s.dm_layers)
             loss = loss + teacher_terms(teacher, decoded, shards.mine(k), per_class, augment,
                                         class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})

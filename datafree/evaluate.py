@@ -56,7 +56,7 @@ class DSATransform(nn.Module):
 
 def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models: int | None = None, epochs: int | None = None,
                  seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None,
-                 soft_labels: torch.Tensor | None = None) -> dict:
+                 soft_labels: torch.Tensor | None = None, also: dict[str, ImageSet] | None = None) -> dict:
     """Train ``models`` fresh networks on ``train`` with a named protocol (:data:`PROTOCOLS`); accuracy on ``test``.
 
     ``models`` and ``epochs`` default to the protocol's. Returns ``{"mean", "std", "accuracies",
@@ -65,7 +65,9 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     a :class:`~datafree.progress.ProgressFile` to write to instead of the default one). With
     ``soft_labels`` (N x classes probabilities, e.g. a teacher's softmax stored with the set), the
     models learn them by cross-entropy to the soft targets (KD at T=1) instead of the hard labels;
-    report that result beside the hard-label one, never instead of it.
+    report that result beside the hard-label one, never instead of it. ``also`` names more sets
+    that the same trained models are scored on (e.g. a validation split and, for the report, the
+    test set): ``result["also"][name]`` has their mean, std and accuracies.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -83,7 +85,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
         train = ImageSet(train.images, soft_labels.float(), spec, name=train.name)
     kwargs = dict(PROTOCOL["arch_kwargs"], first_padding=reference_padding(spec.channels, spec.size)) if arch == "convnet" else {}
     augment = DSATransform(test.name or train.name, named["families"])
-    accuracies = []
+    accuracies, also_accuracies = [], {name: [] for name in also or {}}
     bar = tqdm(total=models * epochs, desc=f"evaluate {arch} x{models}", unit="epoch", disable=not progress)
     report = report or ProgressFile()
 
@@ -100,10 +102,16 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
                        weight_decay=PROTOCOL["weight_decay"], milestones=[decay_after], nesterov=False,
                        on_epoch=lambda done, i=i: epoch_done(i, done))
         accuracies.append(accuracy(model, test))
+        for name, data in (also or {}).items():
+            also_accuracies[name].append(accuracy(model, data))
         bar.set_postfix(last=f"{accuracies[-1]:.2f}%")
     bar.close()
-    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-    return {"mean": round(statistics.fmean(accuracies), 2), "std": round(std, 2), "accuracies": [round(a, 2) for a in accuracies],
+    return {**_summary(accuracies), **({"also": {name: _summary(a) for name, a in also_accuracies.items()}} if also else {}),
             "protocol": dict(PROTOCOL, arch=arch, arch_kwargs=kwargs, epochs=epochs, models=models, seed=seed, name=protocol,
                              decay_after_epochs=decay_after, source=named["source"], augment_families=list(augment.dsa.families),
                              labels="soft (the set's soft labels, cross-entropy to them)" if soft_labels is not None else "hard")}
+
+
+def _summary(accuracies: list[float]) -> dict:
+    std = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return {"mean": round(statistics.fmean(accuracies), 2), "std": round(std, 2), "accuracies": [round(a, 2) for a in accuracies]}

@@ -144,6 +144,20 @@ class ConvNet(Classifier):
     def forward_features(self, x):
         return self.body(x)
 
+    def block_features(self, x) -> list[torch.Tensor]:
+        """The output of every [conv, norm, ReLU, pool] block, flattened per image; the last is
+        :meth:`forward_features`.
+
+        Example:
+            >>> [f.shape[1] for f in ConvNet(width=8).block_features(torch.zeros(2, 1, 28, 28))]
+            [1568, 392, 72]
+        """
+        outputs = []
+        for start in range(0, len(self.body) - 1, 4):
+            x = self.body[start:start + 4](x)
+            outputs.append(x.flatten(1))
+        return outputs
+
 
 register_model("convnet")(ConvNet)
 

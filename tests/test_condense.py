@@ -191,6 +191,25 @@ def test_unknown_initialisation(tiny_mnist):
         condense(tiny_mnist, "dm", ipc=2, iterations=1, init="zeros")
 
 
+def test_layer_wise_distribution_matching_sees_early_layers(tiny_mnist):
+    """dm_layers="all" sums every block's mean-feature distance: it is above the last block's alone,
+    zero only for equal distributions, and a dm run with it moves the images; unknown names are refused."""
+    from datafree.condense import mean_embedding_distance
+    from datafree.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("convnet", 10, 1, 28, width=8)
+    a, b = tiny_mnist.images[:20], tiny_mnist.images[20:40]
+    last, every = mean_embedding_distance(net, a, b, "last"), mean_embedding_distance(net, a, b, "all")
+    assert every > last > 0
+    assert float(mean_embedding_distance(net, a, a.flip(0), "all")) < 1e-8  # same images, other order: same means
+    start = condense(tiny_mnist, "dm", ipc=1, iterations=0, net_width=8, real_per_class=4).images
+    moved = condense(tiny_mnist, "dm", ipc=1, iterations=3, net_width=8, real_per_class=4, dm_layers="all")
+    assert not torch.equal(moved.images, start) and moved.history[-1]["match_loss"] > 0
+    with pytest.raises(UserError, match="unknown dm_layers 'middle'"):
+        condense(tiny_mnist, "dm", ipc=1, iterations=1, dm_layers="middle")
+
+
 def test_bad_input(tiny_mnist):
     with pytest.raises(UserError, match="more than class"):
         condense(tiny_mnist, "random", ipc=21)
@@ -867,6 +886,21 @@ def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
     assert "flip" not in evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1)["protocol"]["augment_families"]
     with pytest.raises(UserError, match="unknown evaluation protocol 'quick'"):
         evaluate.evaluate_set(tiny_mnist, tiny_mnist, protocol="quick")
+
+
+def test_evaluation_scores_more_sets_with_the_same_models(tiny_mnist, monkeypatch):
+    """also={...}: the models trained once are scored on every named set too (no second training)."""
+    import datafree.evaluate as evaluate
+
+    trained = []
+    monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: trained.append(model) or model)
+    scored = []
+    monkeypatch.setattr(evaluate, "accuracy", lambda model, data: scored.append((model, data)) or (10.0 if data is tiny_mnist else 20.0 + len(scored)))
+    other = ImageSet(tiny_mnist.images[:10], tiny_mnist.labels[:10], tiny_mnist.spec)
+    result = evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=2, epochs=1, also={"validation": other})
+    assert len(trained) == 2 and [m for m, _ in scored] == [trained[0], trained[0], trained[1], trained[1]]
+    assert result["mean"] == 10.0 and result["also"]["validation"]["accuracies"] == [22.0, 24.0]
+    assert "also" not in evaluate.evaluate_set(tiny_mnist, tiny_mnist, models=1, epochs=1)
 
 
 def test_an_evaluation_after_the_budget_does_not_move_the_progress_back(tmp_path):
