@@ -139,6 +139,8 @@ def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
                         f"(pool_size {s.pool_size}, aug_draws {s.aug_draws}, refresh_every {s.refresh_every})")
     if s.dm_layers not in DM_LAYERS:
         raise UserError(f"unknown dm_layers {s.dm_layers!r}; use {' or '.join(DM_LAYERS)}")
+    if s.dm_layers != "last" and method != "dm":
+        raise UserError(f"dm_layers applies to method 'dm', not to {method!r}")
     if s.factor < 1 or source.spec.size % s.factor:
         raise UserError(f"factor {s.factor} does not divide the image size {source.spec.size}")
     if s.factor > 1 and method not in MATCHING_METHODS:

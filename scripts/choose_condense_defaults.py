@@ -60,7 +60,7 @@ def main():
     full = load_dataset(args.dataset, train=True)
     source, validation = split(full, 0, 50000), split(full, 50000, 60000)
     test = load_dataset(args.dataset, train=False)
-    rows = []
+    rows, held_out_tests = [], []
     for candidate in args.candidates.split(","):
         method, width, *extra = candidate.split(":")
         settings = dict(_setting(item) for item in extra[0].split("+")) if extra else {}
@@ -73,14 +73,13 @@ def main():
         val = evaluate_set(condensed, validation, models=args.models, epochs=args.epochs, also={"test": test})
         rows.append({"method": method, "net_width": int(width), "settings": settings, "budget": args.budget, "iterations": len(result.history),
                      "seconds": round(seconds, 1), "validation_acc": val["mean"], "validation_std": val["std"],
-                     "validation_accuracies": val["accuracies"], "_test": val["also"]["test"]})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "_test"}), flush=True)
+                     "validation_accuracies": val["accuracies"]})
+        held_out_tests.append(val["also"]["test"])
+        print(json.dumps(rows[-1]), flush=True)
     chosen = max(rows, key=lambda r: r["validation_acc"])
-    for r in rows:  # report only, after the choice: the same protocol on the real test set
+    for r, test_result in zip(rows, held_out_tests):  # report only, after the choice
         r["chosen"] = r is chosen
-    for r in rows:
-        held = r.pop("_test")
-        r["test_acc"], r["test_std"] = held["mean"], held["std"]
+        r["test_acc"], r["test_std"] = test_result["mean"], test_result["std"]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
     out = {"machine": machine, "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
            "source": f"{args.dataset} train[0:50000]", "validation": f"{args.dataset} train[50000:60000]", "rows": rows}

@@ -208,6 +208,8 @@ def test_layer_wise_distribution_matching_sees_early_layers(tiny_mnist):
     assert not torch.equal(moved.images, start) and moved.history[-1]["match_loss"] > 0
     with pytest.raises(UserError, match="unknown dm_layers 'middle'"):
         condense(tiny_mnist, "dm", ipc=1, iterations=1, dm_layers="middle")
+    with pytest.raises(UserError, match="dm_layers applies to method 'dm', not to 'dm_pool'"):
+        condense(tiny_mnist, "dm_pool", ipc=1, iterations=1, dm_layers="all")
 
 
 def test_bad_input(tiny_mnist):
