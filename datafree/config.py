@@ -23,10 +23,10 @@ from pydantic.dataclasses import dataclass
 from datafree.errors import UserError
 
 ADV_KINDS = ("l1", "kl", "js")
-KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2", "soft")
+KNOWN_WEIGHTS = ("bn", "onehot", "entropy", "activation", "adv", "tv", "l2", "soft", "input")
 STUDENT_LOSSES = ("kl", "l1")
 SCHEDULES = ("auto", "fixed")
-PRESET_NAMES = ("dafl", "dfad", "zskt", "dfq", "deepinversion", "fast", "zskd")  # PRESETS' keys (a test checks)
+PRESET_NAMES = ("dafl", "dfad", "zskt", "dfq", "deepinversion", "fast", "zskd", "dfq_input")  # PRESETS' keys (a test checks)
 GENERATOR_NAMES = ("dcgan", "conditional", "pixels")  # the generator registry's names (a test checks)
 ENSEMBLE_RULES = ("logits", "probs")  # how an ensemble's members combine (datafree.ensemble)
 
@@ -98,6 +98,8 @@ class DistillConfig:
     student_ema: float = describe("decay of an exponential moving average of the student's weights, which is then the "
                                   "student evaluated and kept (0: off, the raw weights)", 0.0, ge=0, lt=1)
     augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)
+    final_augment: bool = describe("random affine on archive samples in the student-only last share only, re-labelled "
+                                   "by the teacher (the rounds before keep their cost; no effect without final_share)", False)
     mixup: float = describe("probability of mixing two pool samples in a student batch", 0.0, ge=0, le=1)
     pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)
     final_share: float = describe("the last share of the run (time or rounds) trains the student only, on the archive of "
@@ -146,6 +148,15 @@ PRESETS: dict[str, dict] = {
             # ours: the last half trains the student only, on every synthesised batch (chosen on a
             # validation split over the seven suite teachers, BENCHMARKS.md)
             "final_share": 0.5},
+    # For teachers without BatchNorm: DFQ's generator and terms (Choi et al., above; its BN term has
+    # nothing to read here) plus ours, the input-statistics prior: the teacher's input normalisation
+    # read as a BN layer whose statistics are known (datafree/priors.py). Without it such a generator
+    # makes half-white blobs; with it the images have the data's brightness and contrast. Chosen on a
+    # validation split over no-BN teachers and three seeds (BENCHMARKS.md, "A preset for teachers
+    # without BatchNorm").
+    "dfq_input": {"generator": "dcgan", "generator_kwargs": {"latent_dim": 100, "width": 32},
+                  "weights": {"onehot": 1.0, "entropy": 1.0, "adv": 1.0, "input": 1.0}, "adv_kind": "kl",
+                  "student_steps": 5, "augment": False, "pool_size": 256 * 5, "final_share": 0.5},
     # Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020:
     # pixels optimised with BN statistics (first layer x10), CE, jitter, TV and L2, plus the adaptive
     # (ADI) competition term: JS disagreement with the student; 200 steps per batch (5 per round).
@@ -177,7 +188,7 @@ PRESETS: dict[str, dict] = {
 CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
 MATCHING_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool")  # those that optimise images (the others select real ones)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
-NO_BN_PRESET = "dfq"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
+NO_BN_PRESET = "dfq_input"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
 
 
 def parse_duration(text: str | None) -> float | None:

@@ -80,6 +80,16 @@ class InputSpec:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def has_statistics(self) -> bool:
+        """Whether mean/std are a data set's statistics rather than the identity (pixels in [0, 1] as is).
+
+        Example:
+            >>> InputSpec(1, 28, (0.1307,), (0.3081,)).has_statistics, InputSpec(1, 28, (0.0,), (1.0,)).has_statistics
+            (True, False)
+        """
+        return any(m != 0.0 for m in self.mean) or any(s != 1.0 for s in self.std)
+
     def describe(self) -> str:
         return f"{self.channels}x{self.size}x{self.size}"
 

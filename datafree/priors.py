@@ -14,6 +14,12 @@ taps, the student's logits, the asked classes) and returns a scalar that the gen
 | tv          | total variation of the images                                       | DeepInversion           |
 | l2          | mean squared image (input space)                                    | DeepInversion           |
 | soft        | CE(Dirichlet soft target from class similarity, teacher softmax at T=20) | ZSKD                |
+| input       | ||batch mean||_2 + ||batch var - 1||_2 per channel, in input space  | ours (BN prior's form)  |
+
+``input`` reads the teacher's input normalisation as a BatchNorm layer whose running statistics
+are known: a teacher normalised by its data's mean and std sees real data with mean 0 and variance
+1 per channel, so synthetic images should too. It needs no BN layer in the network, only an input
+spec that carries the data's statistics (not the identity 0 / 1).
 
 Example:
     >>> batch = SynthesisBatch(images=x, t_logits=teacher(x), taps=teacher.bn_taps())   # doctest: +SKIP
@@ -153,6 +159,20 @@ def dirichlet_targets(classes: torch.Tensor, similarity: torch.Tensor, betas=(1.
     return torch.distributions.Dirichlet(alpha).sample().to(classes.device)
 
 
+def input_statistics(batch: SynthesisBatch) -> torch.Tensor:
+    """The input normalisation as a BN layer: per channel, ||batch mean - 0||_2 + ||batch var - 1||_2
+    in the teacher's input space, where its data had mean 0 and variance 1.
+
+    Example:
+        >>> x = torch.randn(512, 1, 8, 8)
+        >>> input_statistics(SynthesisBatch(images=x, t_logits=torch.zeros(512, 10))).item() < 0.1
+        True
+    """
+    x = batch.images
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    return torch.linalg.vector_norm(mean) + torch.linalg.vector_norm(var - 1)
+
+
 PRIORS = {
     "onehot": onehot,
     "entropy": entropy,
@@ -160,6 +180,7 @@ PRIORS = {
     "tv": lambda batch: total_variation(batch.images),
     "l2": lambda batch: batch.images.pow(2).mean(),
     "soft": soft_target,
+    "input": input_statistics,
 }
 """The stateless priors by name; ``bn`` (stateful, per layer) and ``adv`` (needs the student and
 its options) are applied by the synthesizer with :class:`BNStatistics` and :func:`disagreement`."""

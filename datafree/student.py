@@ -100,7 +100,7 @@ class DistillModule(L.LightningModule):
         # every synthesised batch, for the student-only last share (labels stay valid: the teacher is frozen)
         self.archive = SamplePool(cfg.final_pool) if cfg.final_share else None
         self.snapshots: list[tuple[int, dict]] = []
-        self.augment = student_augment() if cfg.augment else None
+        self.augment = student_augment() if cfg.augment or cfg.final_augment else None
         self.ema = None  # torch's AveragedModel of the student (a submodule: checkpoints carry it)
         if cfg.student_ema:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -284,7 +284,7 @@ class DistillModule(L.LightningModule):
         cfg = self.cfg
         x, t = self.pool.sample(cfg.student_batch, self.rng)
         changed = False
-        if self.augment is not None:
+        if self.augment is not None and (cfg.augment or self.final_start is not None):
             x, changed = self.augment(x), True
         if cfg.mixup and torch.rand((), generator=self.rng) < cfg.mixup:
             x, changed = mixup(x, self.rng), True

@@ -36,6 +36,11 @@ class Synthesizer:
         if "activation" in self.weights and not teacher.has_features:
             notify("note: the teacher's features are unreachable (TorchScript); the activation prior is off")
             self.weights.pop("activation")
+        if "input" in self.weights and not teacher.spec.has_statistics:
+            notify(f"note: the teacher's input spec ({teacher.spec.describe()}) carries no data statistics (mean 0, std 1); "
+                   "the input-statistics prior is off (it reads the data's mean and std from a card, or from "
+                   "--input-spec CxHxW:mean:std for a teacher that takes normalised images)")
+            self.weights.pop("input")
         self.bn_prior = BNStatistics(cfg.bn_first_layer, cfg.bn_momentum)
         self.is_pixels = hasattr(generator, "reset")
         self.similarity, self.soft_targets = None, None

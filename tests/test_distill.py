@@ -294,6 +294,38 @@ def test_the_last_share_trains_the_student_only_on_the_archive_of_synthesised_ba
     assert [r["step"] for r in records if r["kind"] == "final_share"] == [3]
 
 
+@pytest.mark.parametrize("augment,final_augment,expected", [(False, True, "last share only"), (True, False, "every round"),
+                                                          (False, False, "never")])
+def test_final_augment_augments_only_the_student_only_last_share(tmp_path, monkeypatch, augment, final_augment, expected):
+    """With final_augment the rounds before the last share keep their un-augmented (cheap) student steps."""
+    from datafree import student as student_mod
+
+    augmented_rounds = []
+    real_augment = student_mod.student_augment
+
+    def counting_augment():
+        inner = real_augment()
+
+        def apply(x):
+            augmented_rounds.append(module_rounds[0])
+            return inner(x)
+        return apply
+
+    module_rounds = [0]
+    original_step = student_mod.DistillModule.training_step
+
+    def step(self, batch, batch_idx):
+        module_rounds[0] = self.rounds
+        return original_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(student_mod, "student_augment", counting_augment)
+    monkeypatch.setattr(student_mod.DistillModule, "training_step", step)
+    cfg = tiny_config(tmp_path, preset="dfq", final_share=0.5, holdout_every=0, augment=augment, final_augment=final_augment)
+    run_distill(cfg, progress=False)
+    rounds = sorted(set(augmented_rounds))
+    assert rounds == {"last share only": [3, 4, 5], "every round": [0, 1, 2, 3, 4, 5], "never": []}[expected]
+
+
 def test_no_bn_teacher_falls_back_with_a_message(tmp_path):
     messages = []
     cfg = tiny_config(tmp_path, teacher=NOBN_TEACHER, steps=2)

@@ -124,3 +124,41 @@ def test_kd_loss_is_t_squared_scaled_kl_and_mixes_ce():
     mixed = kd_loss(s, t, T, alpha=0.25)
     assert mixed.item() == pytest.approx(0.75 * manual.item() + 0.25 * F.cross_entropy(s, t.argmax(1)).item(), rel=1e-5)
     assert kd_loss(s, t, kind="l1").item() == pytest.approx((s - t).abs().mean().item())
+
+
+def test_input_prior_is_l2_of_the_channel_means_plus_l2_of_the_variances_minus_one():
+    x = torch.zeros(4, 2, 3, 3)
+    x[:, 0] = 3.0  # channel 0: mean 3, var 0; channel 1: mean 0, var 0
+    value = PRIORS["input"](SynthesisBatch(images=x, t_logits=torch.zeros(4, 10))).item()
+    assert value == pytest.approx(3.0 + math.sqrt(2.0))  # ||(3, 0)|| + ||(-1, -1)||
+
+
+def test_input_prior_gradient_moves_saturated_images_toward_the_data_statistics():
+    """Half-white images (the blobs a no-BN generator makes) against MNIST's mean and std: the step
+    darkens them, as the data's 0.13 mean asks."""
+    from datafree.data import InputSpec
+
+    spec = InputSpec(1, 28, (0.1307,), (0.3081,))
+    pixels = (torch.rand(64, 1, 28, 28) > 0.5).float().requires_grad_(True)
+    PRIORS["input"](SynthesisBatch(images=spec.normalize(pixels), t_logits=torch.zeros(64, 10))).backward()
+    assert pixels.grad.mean() > 0  # descending the gradient lowers the pixels
+
+
+def test_the_input_prior_is_off_with_a_note_when_the_spec_has_no_statistics(tmp_path):
+    from datafree.config import resolve_distill_config
+    from datafree.data import dataset_spec
+    from datafree.export import export_program
+    from datafree.models import create_model
+    from datafree.synthesis import Synthesizer
+    from generators import create_generator
+
+    export_program(create_model("lenet5_nobn").eval(), dataset_spec("mnist"), tmp_path / "t.ts", {"arch": "lenet5_nobn"})
+    weights = {"onehot": 1.0, "input": 1.0}
+    notes = []
+    for spec, active in (("1x28x28", False), ("1x28x28:0.1307:0.3081", True)):
+        cfg = resolve_distill_config("dfq", overrides={"teacher": str(tmp_path / "t.ts"), "teacher_input_spec": spec,
+                                                       "weights": weights, "out": str(tmp_path / "run")})
+        teacher = load_teacher(cfg.teacher, input_spec=spec)
+        synth = Synthesizer(teacher, create_generator("dcgan", 1, 28, 10, latent_dim=8, width=4), cfg, notes.append)
+        assert ("input" in synth.weights) is active
+    assert len(notes) == 1 and "no data statistics" in notes[0] and "CxHxW:mean:std" in notes[0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import TEACHERS
-from datafree.config import resolve_distill_config
+from datafree.config import PRESETS, resolve_distill_config
 from datafree.distill import run_distill
 from datafree.errors import UserError
 from datafree.schedule import ROUNDED_STEPS, choose_student_steps
@@ -160,11 +160,16 @@ def test_a_teacher_without_bn_gets_the_no_bn_preset_and_a_note(tmp_path):
     named = resolve_distill_config("fast", overrides={"teacher": NOBN_TEACHER})
     assert named.preset == "fast" and named.preset_note == ""  # a preset the user names is kept
     notes = []
-    cfg = resolve_distill_config(overrides={"teacher": NOBN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed",
-                                            "reset_every": 2, "generator_kwargs": {}} if NO_BN_PRESET != "dfq" else
-                                 {"teacher": NOBN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed"})
+    pixels = PRESETS[NO_BN_PRESET]["generator"] == "pixels"
+    cfg = resolve_distill_config(overrides={"teacher": NOBN_TEACHER, "out": str(tmp_path / "run"), **TINY, "schedule": "fixed"}
+                                 | ({"reset_every": 2, "generator_kwargs": {}} if pixels else {}))
     run_distill(cfg, progress=False, notify=notes.append)
     assert notes[0] == nobn.preset_note
+    # the no-BN preset's own terms all apply to this teacher: no further note that one was switched off
+    assert not any(n.startswith("note:") for n in notes[1:]), notes
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["kind"] == "round")
+    assert all(f"loss_{k}" in first for k, w in PRESETS[NO_BN_PRESET]["weights"].items() if w)
 
 
 def test_zskd_run_resumes_with_the_same_soft_targets(tmp_path, monkeypatch):
