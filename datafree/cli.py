@@ -144,7 +144,7 @@ def cmd_teacher_export(args) -> int:
 
 DISTILL_FLAGS = ["teacher", "ensemble_rule", "teacher_input_spec", "student", "student_kwargs", "preset", "steps", "time_budget", "out", "seed",
                  "generator", "batch_size", "student_steps", "schedule", "student_share", "pool_size", "lr_student",
-                 "lr_generator", "kd_temperature", "student_loss", "augment", "final_augment", "mixup", "student_ema", "final_share", "final_pool",
+                 "lr_generator", "kd_temperature", "student_loss", "augment", "final_augment", "mixup", "student_ema", "final_share", "final_pool", "archive_keeps",
                  "knowledge", "checkpoint_every", "eval_every",
                  "eval_data", "accelerator", "devices", "num_nodes", "strategy"]
 CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget", "init", "factor", "pool_size", "refresh_every",

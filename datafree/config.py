@@ -106,7 +106,10 @@ class DistillConfig:
                                   "every synthesised batch (as DeepInversion and ZSKD distil from a synthesised set), "
                                   "each of those rounds 4x the student steps (0: off; dfq sets 0.5, the only preset it was "
                                   "measured with)", 0.0, ge=0, lt=1)
-    final_pool: int = describe("synthesised images archived for the last share of the run (the newest kept)", 20000, ge=1)
+    final_pool: int = describe("synthesised images archived for the last share of the run", 20000, ge=1)
+    archive_keeps: Literal["newest", "uniform"] = describe(
+        "which synthesised images the archive keeps: the newest (a ring buffer: a long run's last rounds only) or a "
+        "uniform sample of every batch of the run (a reservoir: early and late generator stages alike)", "newest")
     # selection and bookkeeping (no real data)
     holdout_every: int = describe("every Nth synthetic batch goes to the held-out set that selects the student (0: none)", 10, ge=0)
     holdout_size: int = describe("held-out synthetic samples", 2048, ge=1)

@@ -98,7 +98,7 @@ class DistillModule(L.LightningModule):
         self.pool = SamplePool(cfg.pool_size)
         self.holdout = SamplePool(cfg.holdout_size)
         # every synthesised batch, for the student-only last share (labels stay valid: the teacher is frozen)
-        self.archive = SamplePool(cfg.final_pool) if cfg.final_share else None
+        self.archive = SamplePool(cfg.final_pool, keep=cfg.archive_keeps) if cfg.final_share else None
         self.snapshots: list[tuple[int, dict]] = []
         self.augment = student_augment() if cfg.augment or cfg.final_augment else None
         self.ema = None  # torch's AveragedModel of the student (a submodule: checkpoints carry it)
@@ -265,17 +265,17 @@ class DistillModule(L.LightningModule):
             held_out = cfg.holdout_every and self.batches % cfg.holdout_every == cfg.holdout_every - 1
             (self.holdout if held_out else self.pool).add(images, t_logits)
             if self.archive is not None and not held_out:
-                self.archive.add(images, t_logits)
+                self.archive.add(images, t_logits, self.rng)
             self.last_batch, self.last_logits = images, t_logits
             self.batches += 1
         return stats
 
     def _start_final_share(self, step: int) -> None:
-        """Stop synthesis; the student's pool becomes the archive of every batch synthesised so far
-        (the last ``final_pool``), drawn from the generator at all its stages, not only its last."""
+        """Stop synthesis; the student's pool becomes the archive: ``final_pool`` images of the batches
+        synthesised so far, the newest or a uniform sample of all of them (``archive_keeps``)."""
         self.pool, self.archive = self.archive, None
         self.final_start = {"round": step, "progress": round(self.progress(), 5), "pool_size": len(self.pool),
-                            "drawn_from": "every synthesised batch (the last ones, labelled when made)"}
+                            "drawn_from": f"{self.pool.seen} synthesised images ({self.pool.keep} kept, labelled when made)"}
         self.log_fn({"step": step, "kind": "final_share"} | self.final_start)
 
     def _student_step(self, opt_s) -> torch.Tensor:

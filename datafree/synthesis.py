@@ -101,33 +101,73 @@ def balanced_classes(n: int, num_classes: int, rng: torch.Generator) -> torch.Te
 
 
 class SamplePool:
-    """A bounded ring buffer of synthetic images with their teacher logits, sampled with replacement.
+    """A bounded store of synthetic images with their teacher logits, sampled with replacement.
+
+    ``keep="newest"`` is a ring buffer (the last ``capacity`` samples added). ``keep="uniform"`` is a
+    reservoir (Vitter's algorithm R, batched): at any time it holds a uniform sample of *every*
+    sample ever added, so a long run's early and late generator stages are both in it; ``add``
+    then needs ``rng``.
 
     Example:
         >>> pool = SamplePool(capacity=1000)
         >>> pool.add(torch.randn(256, 1, 28, 28), torch.randn(256, 10))
         >>> x, t = pool.sample(64, torch.Generator().manual_seed(0))
+        >>> spread = SamplePool(capacity=100, keep="uniform")
+        >>> for i in range(50):
+        ...     spread.add(torch.full((10, 1, 2, 2), float(i)), torch.zeros(10, 3), torch.Generator().manual_seed(i))
+        >>> len(spread), spread.seen, bool(spread.contents()[0].min() < 10)   # early batches are still there
+        (100, 500, True)
     """
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
+    KEEPS = ("newest", "uniform")
+
+    def __init__(self, capacity: int, keep: str = "newest"):
+        if keep not in self.KEEPS:
+            raise ValueError(f"unknown pool keep rule {keep!r}; known: {', '.join(self.KEEPS)}")
+        self.capacity, self.keep = capacity, keep
         self.images: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.size, self.cursor = 0, 0
+        self.size, self.cursor, self.seen = 0, 0, 0
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, images: torch.Tensor, logits: torch.Tensor) -> None:
-        images, logits = images.detach()[-self.capacity:], logits.detach()[-self.capacity:]
+    def add(self, images: torch.Tensor, logits: torch.Tensor, rng: torch.Generator | None = None) -> None:
+        images, logits = images.detach(), logits.detach()
         if self.images is None:
             self.images = images.new_empty((self.capacity, *images.shape[1:]))
             self.logits = logits.new_empty((self.capacity, logits.shape[1]))
+        if self.keep == "uniform":
+            self._add_uniform(images, logits, rng)
+            return
+        images, logits = images[-self.capacity:], logits[-self.capacity:]
         n = len(images)
         idx = (torch.arange(n) + self.cursor) % self.capacity
         self.images[idx], self.logits[idx] = images, logits
         self.cursor = (self.cursor + n) % self.capacity
         self.size = min(self.capacity, self.size + n)
+        self.seen += n
+
+    def _add_uniform(self, images: torch.Tensor, logits: torch.Tensor, rng: torch.Generator | None) -> None:
+        """Algorithm R: fill the free slots, then the i-th sample ever seen replaces a random slot
+        with probability capacity / i (a later sample of the batch wins a shared slot, as in order)."""
+        if rng is None:
+            raise ValueError("a pool that keeps a uniform sample needs rng in add()")
+        free = min(self.capacity - self.size, len(images))
+        if free:
+            self.images[self.size:self.size + free], self.logits[self.size:self.size + free] = images[:free], logits[:free]
+            self.size += free
+        rest = torch.arange(free, len(images))
+        if len(rest):
+            seen_before = (self.seen + rest + 1).double()  # samples seen once this one arrives
+            slot = (torch.rand(len(rest), generator=rng, dtype=torch.float64) * seen_before).long()
+            kept = slot < self.capacity
+            idx = self._to_device(slot[kept])
+            self.images[idx], self.logits[idx] = images[self._to_device(rest[kept])], logits[self._to_device(rest[kept])]
+        self.seen += len(images)
+
+    def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx.to(self.images.device)
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, self.size, (n,), generator=rng)
@@ -140,11 +180,15 @@ class SamplePool:
 
     def state_dict(self) -> dict:
         images, logits = self.contents()
-        return {"images": images.clone(), "logits": logits.clone(), "cursor": self.cursor, "capacity": self.capacity}
+        return {"images": images.clone(), "logits": logits.clone(), "cursor": self.cursor, "capacity": self.capacity,
+                "keep": self.keep, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.images = self.logits = None
-        self.size, self.cursor = 0, 0
+        self.size, self.cursor, self.seen = 0, 0, 0
+        keep, self.keep = self.keep, "newest"  # restoring is a plain copy, whatever the rule
         if len(state["images"]):
             self.add(state["images"], state["logits"])
+        self.keep = keep
         self.cursor = int(state["cursor"])
+        self.seen = int(state.get("seen", self.size))

@@ -124,6 +124,25 @@ def test_pool_is_bounded_and_round_trips():
     assert torch.equal(copy.contents()[0], images) and copy.cursor == pool.cursor
 
 
+def test_a_uniform_pool_keeps_every_stage_of_the_run_and_round_trips():
+    newest, uniform = SamplePool(capacity=100), SamplePool(capacity=100, keep="uniform")
+    rng = torch.Generator().manual_seed(0)
+    for i in range(50):  # 500 samples, batch i holds the value i
+        batch = torch.full((10, 1, 2, 2), float(i))
+        newest.add(batch, torch.zeros(10, 3))
+        uniform.add(batch, torch.zeros(10, 3), rng)
+    assert len(uniform) == 100 and uniform.seen == 500
+    assert newest.contents()[0].min() == 40  # the ring buffer holds the last 10 batches only
+    values = uniform.contents()[0][:, 0, 0, 0]
+    early = int((values < 25).sum())  # binomial(100, 0.5) under a uniform sample: 50 +- 5
+    assert 30 <= early <= 70, early
+    copy = SamplePool(100, keep="uniform")
+    copy.load_state_dict(uniform.state_dict())
+    assert torch.equal(copy.contents()[0], uniform.contents()[0]) and copy.seen == 500 and copy.keep == "uniform"
+    with pytest.raises(ValueError, match="needs rng"):
+        copy.add(torch.zeros(1, 1, 2, 2), torch.zeros(1, 3))
+
+
 def test_a_run_writes_the_run_folder(tmp_path):
     cfg = tiny_config(tmp_path)
     summary = run_distill(cfg, progress=False)
@@ -232,8 +251,9 @@ def test_student_ema_is_the_moving_average_of_the_steps_and_is_what_is_kept(tmp_
     assert all(torch.equal(module.snapshots[-1][1][k], v) for k, v in module.kept_student().state_dict().items())
 
 
-@pytest.mark.parametrize("extra", [{}, {"student_ema": 0.9}, {"preset": "dfq", "final_share": 0.7}],
-                         ids=["plain", "ema", "in-the-last-share"])
+@pytest.mark.parametrize("extra", [{}, {"student_ema": 0.9}, {"preset": "dfq", "final_share": 0.7},
+                                   {"preset": "dfq", "final_share": 0.4, "archive_keeps": "uniform", "final_pool": 40}],
+                         ids=["plain", "ema", "in-the-last-share", "uniform-archive"])
 def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypatch, extra):
     straight = tiny_config(tmp_path / "straight", **extra)
     run_distill(straight, progress=False)
