@@ -109,7 +109,8 @@ class DistillConfig:
     final_pool: int = describe("synthesised images archived for the last share of the run", 20000, ge=1)
     archive_keeps: Literal["newest", "uniform"] = describe(
         "which synthesised images the archive keeps: the newest (a ring buffer: a long run's last rounds only) or a "
-        "uniform sample of every batch of the run (a reservoir: early and late generator stages alike)", "newest")
+        "uniform sample of every batch of the run (a reservoir: early and late generator stages alike; measured as "
+        "no better, BENCHMARKS.md)", "newest")
     # selection and bookkeeping (no real data)
     holdout_every: int = describe("every Nth synthetic batch goes to the held-out set that selects the student (0: none)", 10, ge=0)
     holdout_size: int = describe("held-out synthetic samples", 2048, ge=1)
