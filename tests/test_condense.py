@@ -607,8 +607,11 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
     assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
 
+RESUME_STEPS = 200  # enough that the signals below land mid-run on a fast machine (a step here takes milliseconds)
+
+
 def _condense_cli(source, out, *extra, env=None):
-    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", "20", "--net-width", "8",
+    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", str(RESUME_STEPS), "--net-width", "8",
             "--real-per-class", "16", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
     return subprocess.Popen([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -652,7 +655,7 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     assert first.returncode == 130 and "--resume" in stderr
     state = torch.load(checkpoint, weights_only=True)
     saved, saved_history = state["iteration"], json.loads(state["history"])
-    assert 2 <= saved < 20 and saved_history[-1]["seconds"] >= 1.5
+    assert 2 <= saved < RESUME_STEPS and saved_history[-1]["seconds"] >= 1.5
 
     progress.unlink()
     second = _condense_cli(source, out, "--resume", env=env)
@@ -665,11 +668,11 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     third = _condense_cli(source, out, "--resume", env=env)
     stdout, stderr = third.communicate(timeout=300)
     assert third.returncode == 0, stderr
-    assert json.loads(stdout.strip().splitlines()[-1])["iterations"] == 20
+    assert json.loads(stdout.strip().splitlines()[-1])["iterations"] == RESUME_STEPS
     a, _, manifest_a = load_image_set(tmp_path / "straight")
     b, _, manifest_b = load_image_set(out)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert manifest_b["iterations_done"] == manifest_a["iterations_done"] == 20
+    assert manifest_b["iterations_done"] == manifest_a["iterations_done"] == RESUME_STEPS
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in history] == list(range(1, 21))
     # continued from the checkpoint, not restarted: the first run's iterations (with its pause) were kept, not recomputed
