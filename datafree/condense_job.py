@@ -78,7 +78,7 @@ class CondenseJob:
         "cpu: this project's schedule for a CPU; published: the DC/DSA papers' (width 128, 256 real images per class, "
         "inner loop 50 at ipc 10); fields given explicitly override either", "cpu")
     pool_size: int | None = describe("gm_pool, dm_pool: networks in the pool (default 6)", ge=1)
-    refresh_every: int | None = describe("gm_pool, dm_pool: matching steps between replacing the pool's oldest network (default 30)", ge=1)
+    refresh_every: int | None = describe("gm_pool, dm_pool: matching steps between replacing the pool's oldest network (default 100)", ge=1)
     real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
     net_width: int | None = describe("width of the matching ConvNet (default 32, chosen on a validation split)", ge=1)
     outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
