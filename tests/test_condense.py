@@ -607,12 +607,14 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
     assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
 
-RESUME_STEPS = 200  # enough that the signals below land mid-run on a fast machine (a step here takes milliseconds)
+# The signals below must land while the matching loop runs, on any machine: enough steps, each a
+# few milliseconds (20 steps of a width-8 net once finished before the Ctrl-C arrived).
+RESUME_STEPS = 300
 
 
 def _condense_cli(source, out, *extra, env=None):
-    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", str(RESUME_STEPS), "--net-width", "8",
-            "--real-per-class", "16", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
+    args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", str(RESUME_STEPS), "--net-width", "32",
+            "--real-per-class", "20", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
     return subprocess.Popen([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -674,7 +676,7 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert manifest_b["iterations_done"] == manifest_a["iterations_done"] == RESUME_STEPS
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
-    assert [h["iteration"] for h in history] == list(range(1, 21))
+    assert [h["iteration"] for h in history] == list(range(1, RESUME_STEPS + 1))
     # continued from the checkpoint, not restarted: the first run's iterations (with its pause) were kept, not recomputed
     assert history[:saved] == saved_history
 
