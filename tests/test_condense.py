@@ -609,7 +609,7 @@ def test_condense_command_line_bad_input(tmp_path, capsys):
 
 # The signals below must land while the matching loop runs, on any machine: enough steps, each a
 # few milliseconds (20 steps of a width-8 net once finished before the Ctrl-C arrived).
-RESUME_STEPS = 1000
+RESUME_STEPS = 300
 
 
 def _condense_cli(source, out, *extra, env=None):
