@@ -81,7 +81,7 @@ class CondenseSettings:
     refresh_every: int = 100              # gm_pool, dm_pool: matching steps between replacing the oldest network
     aug_draws: int = 4                    # gm_pool, dm_pool: cached augmentation draws per network and class
     pool_train_steps: int = 200           # gm_pool, dm_pool: a pool network is trained on the real data for 0..this many steps
-                                          # (100 and 200 for gm_pool on a validation split: +0.7 over 30 and 50; BENCHMARKS.md)
+                                          # (100 and 200: +0.7 over 30 and 50 for gm_pool on an MNIST ipc 10 validation split only; BENCHMARKS.md)
     teacher_ce: float = 0.0               # data-free: weight of the teacher's cross-entropy on the synthetic images
     teacher_bn: float = 0.0               # data-free: weight of the teacher's BN-statistics prior on them
     time_budget: float | None = None      # seconds, counted across resumes

@@ -162,12 +162,9 @@ class SamplePool:
             seen_before = (self.seen + rest + 1).double()  # samples seen once this one arrives
             slot = (torch.rand(len(rest), generator=rng, dtype=torch.float64) * seen_before).long()
             kept = slot < self.capacity
-            idx = self._to_device(slot[kept])
-            self.images[idx], self.logits[idx] = images[self._to_device(rest[kept])], logits[self._to_device(rest[kept])]
+            into, new = slot[kept].to(self.images.device), rest[kept].to(self.images.device)
+            self.images[into], self.logits[into] = images[new], logits[new]
         self.seen += len(images)
-
-    def _to_device(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx.to(self.images.device)
 
     def sample(self, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(0, self.size, (n,), generator=rng)
@@ -181,7 +178,7 @@ class SamplePool:
     def state_dict(self) -> dict:
         images, logits = self.contents()
         return {"images": images.clone(), "logits": logits.clone(), "cursor": self.cursor, "capacity": self.capacity,
-                "keep": self.keep, "seen": self.seen}
+                "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.images = self.logits = None
