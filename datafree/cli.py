@@ -59,6 +59,34 @@ def _downloads(allowed: bool):
             os.environ[DOWNLOAD_ENV] = before
 
 
+@contextlib.contextmanager
+def _stop_signals(resumable: bool):
+    """While a resumable command runs, Ctrl-C (SIGINT) and SIGTERM raise KeyboardInterrupt, so the
+    run saves its last finished step and exits 130, even when it was started with SIGINT ignored
+    (a shell's background job, ``nohup``, a service worker): a stop request is never lost.
+
+    Example:
+        >>> import signal
+        >>> with _stop_signals(True):
+        ...     signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+        True
+    """
+    import signal
+
+    previous = {}
+    if resumable:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, signal.default_int_handler)
+            except ValueError:  # not the main thread: the caller's handlers stay
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _add_teacher_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="zoo architecture, for a safetensors file without a card")
     p.add_argument("--dataset", help="data set whose input spec applies, for a file without a card")
@@ -450,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _downloads(getattr(args, "download", False)):
+        with _downloads(getattr(args, "download", False)), _stop_signals(hasattr(args, "resume")):
             return args.func(args)
     except UserError as e:
         print(f"datafree: error: {e}", file=sys.stderr)
