@@ -3,7 +3,10 @@
 A development tool for choosing defaults: each variant is a preset plus config overrides, run for
 a fixed number of rounds or a time budget on each named suite teacher; the kept student is scored
 on the last 10,000 training images (which no student saw: distillation is data-free) and the
-results go to ``bench/probe_distill.jsonl``, one line per run, with the seconds it took.
+results go to ``bench/probe_distill.jsonl``, one line per run, with the seconds it took. Each row
+also lists every snapshot the run's data-free selection chose between (its held-out agreement and
+its validation accuracy, read after the run's own choice): how much the selection rule gains or
+loses against keeping the final student, measured on validation, never on the test set.
 
     DATAFREE_DATA=../shared/data python scripts/probe_distill.py \\
         --teachers mnist_resnet20,mnist_lenet5 --budget 2m \\
@@ -12,6 +15,8 @@ results go to ``bench/probe_distill.jsonl``, one line per run, with the seconds 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import sys
 import time
@@ -33,6 +38,32 @@ def validation_set(teacher, dataset: str):
     return train
 
 
+@contextlib.contextmanager
+def scoring_the_candidates(val, scores: list):
+    """While a run ends, score each snapshot its selection chooses between on the validation split,
+    just before the run's own (data-free) choice, which this does not change."""
+    from datafree.student import DistillModule, agreement
+    from datafree.training import accuracy
+
+    original = DistillModule.select_best
+
+    def select_best(self):
+        held = self.holdout.contents() if len(self.holdout) else None
+        final = copy.deepcopy(self.kept_student().state_dict())
+        for step, state in self.snapshots + [(self.rounds, final)]:
+            self.student.load_state_dict(state)
+            scores.append({"round": step, "holdout_agreement": round(agreement(self.student, *held), 3) if held else None,
+                           "val": round(accuracy(self.student.eval(), val), 2)})
+        self.kept_student().load_state_dict(final)  # as the run left it
+        return original(self)
+
+    DistillModule.select_best = select_best
+    try:
+        yield
+    finally:
+        DistillModule.select_best = original
+
+
 def run_variant(member: dict, name: str, overrides: dict, budget: str | None, rounds: int, seed: int) -> dict:
     from datafree.config import resolve_distill_config
     from datafree.distill import run_distill
@@ -45,16 +76,18 @@ def run_variant(member: dict, name: str, overrides: dict, budget: str | None, ro
               "steps": rounds, "time_budget": budget, "checkpoint_every": 10 ** 6, "grid_every": 0} | overrides
     preset = values.pop("preset", None)
     cfg = resolve_distill_config(preset=preset, overrides=values)
-    started = time.monotonic()
-    summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
-    seconds = time.monotonic() - started
     teacher = load_teacher(teacher_path, input_spec=member["input_spec"])
-    val = validation_set(teacher, member["dataset"])
+    val, candidates = validation_set(teacher, member["dataset"]), []
+    started = time.monotonic()
+    with scoring_the_candidates(val, candidates):
+        summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
+    seconds = time.monotonic() - started  # includes scoring the candidates (a few seconds)
     student, _ = load_model(out / "student.safetensors")
     return {"teacher": member["name"], "variant": name, "overrides": overrides, "seed": seed, "budget": budget,
             "rounds": summary["steps"], "seconds": round(seconds, 1), "kept_round": summary.get("selected_step"),
             "holdout_agreement": summary.get("holdout_agreement"),
-            "teacher_val": round(accuracy(teacher, val), 2), "student_val": round(accuracy(student.eval(), val), 2)}
+            "teacher_val": round(accuracy(teacher, val), 2), "student_val": round(accuracy(student.eval(), val), 2),
+            "final_val": candidates[-1]["val"] if candidates else None, "candidates": candidates}
 
 
 def main():
