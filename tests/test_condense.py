@@ -638,11 +638,7 @@ def _wait_for_progress(path, done, proc, timeout=180):
 
 def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
     """datafree condense stopped (Ctrl-C), resumed, SIGKILLed mid-run and resumed again ends with the uninterrupted run's images."""
-    import numpy as np
-
-    source = tmp_path / "mnist200.npz"  # 20 real digits a class: quick to load in each process
-    pixels = (tiny_mnist.spec.denormalize(tiny_mnist.images)[:, 0] * 255).round().clamp(0, 255).to(torch.uint8)
-    np.savez(source, x=pixels.numpy(), y=tiny_mnist.labels.numpy())
+    source = _tiny_npz(tiny_mnist, tmp_path / "mnist200.npz")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     straight = _condense_cli(source, tmp_path / "straight", env=env)
     _, stderr = straight.communicate(timeout=300)
@@ -684,6 +680,18 @@ def test_condense_resume_after_a_kill_equals_an_uninterrupted_run(tiny_mnist, tm
     assert [h["iteration"] for h in history] == list(range(1, RESUME_STEPS + 1))
     # continued from the checkpoint, not restarted: the first run's iterations (with its pause) were kept, not recomputed
     assert history[:saved] == saved_history
+
+
+def test_sigterm_saves_the_last_iteration_and_exits_130(tiny_mnist, tmp_path):
+    """SIGTERM (a service, a container or ``kill`` stopping the job) saves as Ctrl-C does and asks for --resume."""
+    source, out, progress = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz"), tmp_path / "out", tmp_path / "progress.json"
+    proc = _condense_cli(source, out, env=dict(os.environ, OMP_NUM_THREADS="1", DATAFREE_PROGRESS_FILE=str(progress)))
+    _wait_for_progress(progress, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
+    assert 1 <= torch.load(out / "checkpoints" / "condense.pt", weights_only=True)["iteration"] < RESUME_STEPS
+    assert not (out / "dataset.safetensors").exists()
 
 
 def test_a_real_data_set_gets_soft_labels_from_a_model_trained_on_it(tiny_mnist, tmp_path, capsys):
