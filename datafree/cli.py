@@ -73,8 +73,10 @@ def _stop_signals(resumable: bool):
     """
     import signal
 
+    from datafree.io import launched_worker
+
     previous = {}
-    if resumable:
+    if resumable and not launched_worker():  # extra DDP processes stop when rank 0 does
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 previous[sig] = signal.signal(sig, signal.default_int_handler)
@@ -84,7 +86,8 @@ def _stop_signals(resumable: bool):
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(sig, handler)
 
 
 def _add_teacher_source(p: argparse.ArgumentParser) -> None:

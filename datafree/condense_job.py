@@ -36,6 +36,7 @@ from pydantic.dataclasses import dataclass
 
 from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, MATCHING_METHODS, STRICT, build_config, describe, parse_duration
 from datafree.errors import UserError
+from datafree.io import launched_worker
 
 CHECKPOINT = "checkpoints/condense.pt"
 INITS = ("real", "herding", "noise", "kmeans")
@@ -212,11 +213,6 @@ def load_source(job: CondenseJob):
     return source, info, False
 
 
-def _launched_worker() -> bool:
-    """True in the extra processes Lightning starts (local rank or node rank above 0)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-
-
 def _shards(job: CondenseJob):
     from datafree.condense import Shards
 
@@ -297,7 +293,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     checkpoint = out / CHECKPOINT
     if job.resume and not checkpoint.is_file():
         raise UserError(f"nothing to resume: no checkpoint at {str(checkpoint)!r}")
-    if not job.resume and not _launched_worker():
+    if not job.resume and not launched_worker():
         from datafree.io import check_writable_dir
 
         check_writable_dir(out, job.overwrite)

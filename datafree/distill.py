@@ -33,7 +33,7 @@ import torch
 from datafree.config import DistillConfig, to_yaml
 from datafree.data import ImageSet, InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
-from datafree.io import atomic_path, check_writable_dir, save_tensors, sha256_file, write_json, write_text
+from datafree.io import atomic_path, check_writable_dir, launched_worker, save_tensors, sha256_file, write_json, write_text
 from datafree.progress import ProgressFile
 from datafree.models import Classifier, count_parameters, create_model
 from datafree.student import DistillModule, Rounds, agreement
@@ -176,7 +176,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if cfg.generator == "pixels":
         gen_kwargs.setdefault("batch_size", cfg.batch_size)
     generator = create_generator(cfg.generator, teacher.spec.channels, teacher.spec.size, teacher.num_classes, **gen_kwargs)
-    if not _launched_worker():  # DDP worker processes re-run this command: rank 0 owns the folder
+    if not launched_worker():  # DDP worker processes re-run this command: rank 0 owns the folder
         if not resume:
             check_writable_dir(out, overwrite)
             for stale in (out / "metrics.jsonl", out / CHECKPOINT, *sorted((out / "grids").glob("step_*.png"))):
@@ -201,11 +201,6 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if not trainer.is_global_zero:
         return {}
     return write_outputs(module, teacher, cfg, student_arch, student_kwargs, out, time.time() - started, notify)
-
-
-def _launched_worker() -> bool:
-    """True in the extra processes Lightning starts for DDP (local rank or node rank above 0)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
 def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, student_arch, student_kwargs, out: Path,

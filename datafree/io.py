@@ -115,3 +115,14 @@ def check_writable_dir(path, overwrite: bool = False) -> Path:
     except OSError as e:
         raise UserError(f"cannot write to the output folder {str(path)!r} ({e.strerror})") from None
     return path
+
+
+def launched_worker() -> bool:
+    """True in the extra processes Lightning starts for several devices or nodes (local or node rank
+    above 0): they re-run the command, and rank 0 owns the output folder and the stop signals.
+
+    Example:
+        >>> launched_worker()   # a plain process
+        False
+    """
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks_md import write_block  # noqa: E402
 from datafree.condense_job import TEACHER_TERMS, CondenseJob, run_condense  # noqa: E402
 from datafree.data import ImageSet, dataset_spec, load_dataset  # noqa: E402
 from datafree.evaluate import PROTOCOL, PROTOCOLS, evaluate_set  # noqa: E402
@@ -213,19 +214,10 @@ def write_results(args, rows):
     print("\n".join(lines + [""] + (audit_lines if audited else [])))
     if not args.quick:
         # the block is named after --out, so a side benchmark with its own --out never replaces the main table
-        _write_block(Path(args.out).stem.replace("_", "-"), "\n".join(lines), "Dataset condensation")
+        write_block(Path(args.out).stem.replace("_", "-"), "\n".join(lines), "Dataset condensation")
         if audited:
-            _write_block("condense-audit", "\n".join(audit_lines), "Condensation: initialisation, accuracy and privacy")
+            write_block("condense-audit", "\n".join(audit_lines), "Condensation: initialisation, accuracy and privacy")
 
-
-def _write_block(name: str, table: str, heading: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text()
-    block = f"{start}\n{table}\n{end}"
-    text = (text[: text.index(start)] + block + text[text.index(end) + len(end):]) if start in text else \
-        text + f"\n## {heading}\n\n{block}\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -260,15 +260,9 @@ def _markdown(result) -> str:
 
 
 def _update_benchmarks_md(table: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    start, end = "<!-- datafree-suite:start -->", "<!-- datafree-suite:end -->"
-    text = path.read_text()
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.replace("## Data-free distillation\n", f"## Data-free distillation\n\n### The teacher suite\n\n{block}\n", 1)
-    path.write_text(text)
+    from benchmarks_md import write_block
+
+    write_block("datafree-suite", table, "Data-free distillation")
 
 
 def _machine(args) -> str:

@@ -148,13 +148,9 @@ def write_results(args, teachers: dict, rows: list[dict]) -> None:
     table = (ensemble_markdown if args.part == "ensemble" else knowledge_markdown)(result)
     print(table)
     if not args.quick:
-        path = ROOT / "BENCHMARKS.md"
-        start, end = f"<!-- {args.part}:start -->", f"<!-- {args.part}:end -->"
-        text = path.read_text()
-        block = f"{start}\n{table}\n{end}"
-        text = (text[: text.index(start)] + block + text[text.index(end) + len(end):]) if start in text else \
-            text + f"\n{block}\n"
-        path.write_text(text)
+        from benchmarks_md import write_block
+
+        write_block(args.part, table, "Ensembles and knowledge beyond logits")
 
 
 def _header(result: dict) -> str:

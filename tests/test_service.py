@@ -44,7 +44,10 @@ def _serve(store: Path, port: int, *extra: str) -> tuple[subprocess.Popen, Path]
 
 
 class Server:
+    started: list["Server"] = []  # every server a test started: one left running is stopped after its test
+
     def __init__(self, store: Path, *extra: str):
+        Server.started.append(self)
         self.store, self.port = store, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc, self.log_path = _serve(store, self.port, *extra)
@@ -64,6 +67,17 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    """A test that fails half way leaves no server (and its jobs) running for the rest of the session."""
+    before = len(Server.started)
+    yield
+    for left in Server.started[before:]:
+        if left.proc.poll() is None:
+            left.stop(signal.SIGKILL)
+    del Server.started[before:]
 
 
 @pytest.fixture(scope="module")
