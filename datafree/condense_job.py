@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import fields
 from typing import Literal
 from pathlib import Path
@@ -36,7 +35,7 @@ from pydantic.dataclasses import dataclass
 
 from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, MATCHING_METHODS, STRICT, build_config, describe, parse_duration
 from datafree.errors import UserError
-from datafree.io import launched_worker
+from datafree.io import check_writable_dir, launched_worker, sha256_file, write_text
 
 CHECKPOINT = "checkpoints/condense.pt"
 INITS = ("real", "herding", "noise", "kmeans")
@@ -174,7 +173,6 @@ def teacher_of_run(run_dir: Path):
     """The teacher (or ensemble) a distill run used, each file checked against the hash the run recorded."""
     from datafree.config import load_yaml
     from datafree.ensemble import load_teachers, teacher_list
-    from datafree.io import sha256_file
 
     run_dir = Path(run_dir)
     cfg = load_yaml(run_dir / "config.yaml")
@@ -193,7 +191,6 @@ def teacher_of_run(run_dir: Path):
 def load_source(job: CondenseJob):
     """``(source ImageSet, source description, data_free)`` for a job: a transfer set if the source is a distill run."""
     from datafree.data import load_dataset, load_transfer_set
-    from datafree.io import sha256_file
 
     source_path = Path(job.source)
     if (source_path / "transfer.safetensors").is_file():  # labels from the teacher, no real image touched
@@ -294,8 +291,6 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     if job.resume and not checkpoint.is_file():
         raise UserError(f"nothing to resume: no checkpoint at {str(checkpoint)!r}")
     if not job.resume and not launched_worker():
-        from datafree.io import check_writable_dir
-
         check_writable_dir(out, job.overwrite)
         remove_outputs(out)  # an overwritten run starts afresh: no image, checkpoint or report of the old one stays
     shards = _shards(job)
@@ -322,7 +317,6 @@ def _checkpoint_init(path: Path) -> str | None:
 
 def soft_label_model(job: CondenseJob, source):
     """The model a real-data job's soft labels come from, checked against the source's image shape and classes."""
-    from datafree.io import sha256_file
     from datafree.teacher import load_teacher
 
     path = Path(job.soft_label_model)
@@ -357,7 +351,6 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
     """Write the set, its manifest, history and report into ``job.out`` (evaluating it first if asked)."""
     from datafree.condense import CondenseSettings, matching_net_kwargs
     from datafree.export import save_image_set
-    from datafree.io import write_text
     from datafree.report import write_report
 
     out = Path(job.out)

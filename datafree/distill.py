@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time

@@ -47,10 +47,10 @@ class Server:
     started: list["Server"] = []  # every server a test started: one left running is stopped after its test
 
     def __init__(self, store: Path, *extra: str):
-        Server.started.append(self)
         self.store, self.port = store, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc, self.log_path = _serve(store, self.port, *extra)
+        Server.started.append(self)  # before waiting for it: one that never answers is stopped too
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
