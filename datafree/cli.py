@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from datafree.errors import UserError
+from datafree.runtime import tune_allocator
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teachers" / "mnist_lenet5.safetensors"
@@ -88,6 +89,20 @@ def _stop_signals(resumable: bool):
         for sig, handler in previous.items():
             if handler is not None:  # None: a handler installed outside Python, which cannot be put back
                 signal.signal(sig, handler)
+
+
+def interrupted_message(checkpoint: Path | None) -> str:
+    """What a stopped command tells its user: how to continue, only when there is something to continue from.
+
+    Example:
+        >>> interrupted_message(None)
+        'interrupted'
+    """
+    if checkpoint is None:
+        return "interrupted"
+    if checkpoint.is_file():
+        return f"interrupted; the last checkpoint is {str(checkpoint)!r}: run the same command with --resume to continue"
+    return "interrupted before the first checkpoint was written; there is nothing to resume: run the command again to start over"
 
 
 def _add_teacher_source(p: argparse.ArgumentParser) -> None:
@@ -186,6 +201,7 @@ CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget",
 
 def cmd_distill(args) -> int:
     from datafree.config import load_yaml, resolve_distill_config
+    from datafree.distill import CHECKPOINT as DISTILL_CHECKPOINT
     from datafree.distill import run_distill
     from datafree.flags import given
 
@@ -203,6 +219,7 @@ def cmd_distill(args) -> int:
         teacher = overrides.get("teacher") or (load_yaml(config_path).get("teacher") if config_path else None)
         overrides["eval_data"] = _card_dataset(teacher[0] if isinstance(teacher, list) else teacher)
     cfg = resolve_distill_config(args.preset, config_path, overrides)
+    args.checkpoint = Path(cfg.out) / DISTILL_CHECKPOINT  # what an interrupted run can resume from
     summary = run_distill(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if summary:
         print(json.dumps(summary, indent=2))
@@ -226,11 +243,13 @@ def _card_dataset(teacher_path) -> str | None:
 
 
 def cmd_condense(args) -> int:
-    from datafree.condense_job import JOB_FIELDS, job_from_dict, run_condense
+    from datafree.condense_job import CHECKPOINT, JOB_FIELDS, job_from_dict, run_condense
 
     values = {name: getattr(args, name) for name in JOB_FIELDS if hasattr(args, name)}
     values["progress"] = not args.no_progress
-    summary = run_condense(job_from_dict(values))
+    job = job_from_dict(values)
+    args.checkpoint = Path(job.out) / CHECKPOINT  # what an interrupted run can resume from
+    summary = run_condense(job)
     if "rank" not in summary:  # the other processes of a scaled-out run print nothing
         print(json.dumps(summary))
     return 0
@@ -480,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     try:
         with _downloads(getattr(args, "download", False)), _stop_signals(hasattr(args, "resume")):
             return args.func(args)
@@ -487,7 +507,7 @@ def main(argv=None) -> int:
         print(f"datafree: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("datafree: interrupted; run again with --resume to continue", file=sys.stderr)
+        print(f"datafree: {interrupted_message(getattr(args, 'checkpoint', None))}", file=sys.stderr)
         return 130
 
 

@@ -50,6 +50,7 @@ from datafree.errors import UserError
 from datafree.io import atomic_path
 from datafree.models import create_model
 from datafree.registry import Registry
+from datafree.runtime import tune_allocator
 
 CONDENSERS = Registry("condensation method")
 DEFAULT_METHOD = DEFAULT_CONDENSE_METHOD
@@ -122,6 +123,7 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
         torch.Size([10, 1, 28, 28])
     """
     run = CONDENSERS.get_or_fail(method)
+    tune_allocator()
     unknown = sorted(set(kwargs) - set(CondenseSettings.__dataclass_fields__))
     if unknown:
         raise UserError(f"unknown condensation setting {unknown[0]!r}")

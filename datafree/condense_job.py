@@ -70,8 +70,8 @@ class CondenseJob:
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
     init: Literal[INITS] | None = describe(  # type: ignore[valid-type]
         "start from random source images of each class (real), the class's herding picks (representative images), "
-        "noise, or k-means centres of each class; default kmeans for a real data set (chosen on a validation split, "
-        "BENCHMARKS.md), real (random transfer images) in data-free mode")
+        "noise, or k-means centres of each class (the default, for a real data set and in data-free mode: chosen on "
+        "validation splits, BENCHMARKS.md)")
     factor: int = describe("multi-formation: each stored image holds factor x factor smaller images, decoded to full "
                            "size for training (a different storage budget: report it apart)", 1, ge=1)
     schedule: Literal[SCHEDULES] = describe(  # type: ignore[valid-type]
@@ -133,11 +133,12 @@ class CondenseJob:
             return given
         return TEACHER_TERMS | given
 
-    def init_for(self, data_free: bool, resumed: str | None = None) -> str:
+    def init_for(self, resumed: str | None = None) -> str:
         """The initialisation this job runs with: the one given; else the one a resumed run started with
-        (``resumed``, from its checkpoint); else k-means centres of a real source (chosen on a validation
-        split of the training data) and random transfer images in data-free mode."""
-        return self.init or resumed or ("real" if data_free else "kmeans")
+        (``resumed``, from its checkpoint); else k-means centres of each class: chosen on a validation split
+        of the training data for a real source, and on four teachers' transfer sets in data-free mode
+        (``BENCHMARKS.md``; random transfer images were the data-free start until 2026-12-01)."""
+        return self.init or resumed or "kmeans"
 
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
@@ -281,7 +282,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         raise UserError("config field 'soft_label_model' labels the images only with soft_labels on; add --soft-labels")
     settings = job.settings() | job.teacher_weights(data_free)
     if job.method in MATCHING_METHODS:  # the selection methods pick source images: no start to choose
-        settings["init"] = job.init_for(data_free, _checkpoint_init(Path(job.out) / CHECKPOINT) if job.resume else None)
+        settings["init"] = job.init_for(_checkpoint_init(Path(job.out) / CHECKPOINT) if job.resume else None)
     check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
     needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
     teacher = teacher_of_run(Path(job.source))[0] if needs_teacher and data_free else None  # checked before hours of work

@@ -20,6 +20,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -34,6 +35,7 @@ from datafree.data import ImageSet, InputSpec, dataset_spec, no_real_data
 from datafree.errors import UserError
 from datafree.io import atomic_path, check_writable_dir, launched_worker, save_tensors, sha256_file, write_json, write_text
 from datafree.progress import ProgressFile
+from datafree.runtime import tune_allocator
 from datafree.models import Classifier, count_parameters, create_model
 from datafree.student import DistillModule, Rounds, agreement
 from datafree.ensemble import load_teachers, teacher_list
@@ -73,12 +75,34 @@ class RunControl(L.Callback):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.cfg.steps, initial=pl_module.rounds, desc="distill", unit="round", dynamic_ncols=True)
-        if trainer.is_global_zero or trainer.world_size == 1:
+
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """Around ``trainer.fit``: from its first moment, Ctrl-C / SIGTERM ask for a stop at the end of the
+        round, so a stop during start-up saves and exits 130 as one during training does (Lightning turns
+        a KeyboardInterrupt inside ``fit`` into exit status 1).
+
+        Example:
+            >>> with control.stop_signals():   # doctest: +SKIP
+            ...     trainer.fit(module, rounds)
+        """
+        if not launched_worker():  # rank 0 owns the stop signals; the other processes stop with it
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
                     self._previous[sig] = signal.signal(sig, self._request_stop)
                 except ValueError:  # not the main thread (e.g. inside a service worker thread)
                     pass
+        try:
+            yield
+        except SystemExit:  # a second Ctrl-C gave up at once inside fit: still a stop, not a failure
+            if self.stop_requested:
+                raise KeyboardInterrupt from None
+            raise
+        finally:
+            for sig, handler in self._previous.items():
+                if handler is not None:  # None: installed outside Python, cannot be put back
+                    signal.signal(sig, handler)
+            self._previous.clear()
 
     def _request_stop(self, signum, frame):
         if self.stop_requested:  # a second Ctrl-C: give up at once
@@ -109,8 +133,6 @@ class RunControl(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.bar is not None:
             self.bar.close()
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def save_grid(images: torch.Tensor, logits: torch.Tensor, spec: InputSpec, path: Path, per_class: int = 8) -> None:
@@ -162,6 +184,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
     if cfg.preset_note and not resume:
         notify(cfg.preset_note)
     quiet_lightning()
+    tune_allocator()
     L.seed_everything(cfg.seed, verbose=False)  # before any model is built: the same seed, the same run
     teacher = load_teachers(cfg.teacher, input_spec=cfg.teacher_input_spec, rule=cfg.ensemble_rule)
     if getattr(teacher, "bn_note", "") and not resume:
@@ -192,7 +215,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     log.rank0 = trainer.is_global_zero
     started = time.time()
-    with no_real_data("data-free distillation"):
+    with no_real_data("data-free distillation"), control.stop_signals():
         trainer.fit(module, torch.utils.data.DataLoader(Rounds(), batch_size=None), ckpt_path=str(ckpt) if resume else None)
     trainer.save_checkpoint(ckpt)
     if control.stop_requested:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datafree.data import ImageSet
+from datafree.runtime import tune_allocator
 
 
 class TensorBatches(torch.utils.data.IterableDataset):
@@ -119,6 +120,7 @@ def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_siz
         >>> fit_supervised(create_model("lenet5"), train, epochs=1, progress=False)   # doctest: +SKIP
     """
     quiet_lightning()
+    tune_allocator()
     L.seed_everything(seed, workers=True, verbose=False)
     module = SupervisedModule(model, lr=lr, augment=augment, **kwargs)
     callbacks = [EpochHook(on_epoch)] if on_epoch else []

@@ -28,15 +28,24 @@ sys.path.insert(0, str(ROOT))
 from datafree.condense import condense  # noqa: E402
 from datafree.condense_job import teacher_of_run  # noqa: E402
 from datafree.config import parse_duration  # noqa: E402
-from datafree.data import ImageSet, load_dataset, load_transfer_set, no_real_data  # noqa: E402
+from datafree.data import TORCHVISION_SETS, ImageSet, dataset_spec, load_dataset, load_transfer_set, no_real_data  # noqa: E402
 from datafree.evaluate import evaluate_set  # noqa: E402
 from datafree.training import predict  # noqa: E402
+
+
+def dataset_of(class_names: list[str]) -> str:
+    """The one torchvision data set whose class names are ``class_names`` (a transfer set carries its teacher's)."""
+    matches = [name for name in TORCHVISION_SETS if list(dataset_spec(name).class_names) == list(class_names)]
+    if len(matches) != 1:
+        raise SystemExit(f"cannot tell the run's data set from its class names ({len(matches)} data sets match); pass --dataset")
+    return matches[0]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a finished distill run folder (its transfer set and teacher)")
-    parser.add_argument("--dataset", default="mnist", help="the teacher's data set, for the validation split")
+    parser.add_argument("--dataset", default=None,
+                        help="the teacher's data set, for the validation split (default: the torchvision set whose class names the run's transfer set carries)")
     parser.add_argument("--weights", default="0:0,1:10", help="CE:BN weight pairs, comma-separated")
     parser.add_argument("--inits", default="real", help="starts, comma-separated: real (random transfer images), kmeans, herding")
     parser.add_argument("--budget", default="3m")
@@ -45,6 +54,7 @@ def main():
     args = parser.parse_args()
     source, _ = load_transfer_set(args.run)
     teacher = teacher_of_run(Path(args.run))[0]
+    dataset = args.dataset or dataset_of(source.spec.class_names)
     for pair, init in ((p, i) for p in args.weights.split(",") for i in args.inits.split(",")):
         ce, bn = (float(w) for w in pair.split(":"))
         started = time.monotonic()
@@ -53,10 +63,10 @@ def main():
                               teacher_ce=ce, teacher_bn=bn, init=init)
         seconds = time.monotonic() - started
         teacher_agrees = float((predict(teacher, result.images).argmax(1) == result.labels).float().mean()) * 100
-        train = load_dataset(args.dataset, train=True)  # after condensation: the validation split only
+        train = load_dataset(dataset, train=True)  # after condensation: the validation split only
         validation = ImageSet(train.images[50000:], train.labels[50000:], train.spec, name=train.name)
         scored = evaluate_set(ImageSet(result.images, result.labels, source.spec, name=train.name), validation, models=args.models)
-        row = {"run": args.run, "teacher_ce": ce, "teacher_bn": bn, "init": init, "budget": args.budget, "iterations": len(result.history),
+        row = {"run": args.run, "dataset": dataset, "teacher_ce": ce, "teacher_bn": bn, "init": init, "budget": args.budget, "iterations": len(result.history),
                "seconds": round(seconds, 1), "validation_acc": scored["mean"], "validation_std": scored["std"],
                "teacher_calls_its_class_pct": round(teacher_agrees, 1), "models": args.models,
                "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}

@@ -549,15 +549,15 @@ def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tm
         job_from_dict({"teacher_bn": 1.0}).teacher_weights(data_free=False)
     assert job_from_dict({"teacher_bn": 0}).teacher_weights(data_free=False) == {}
     assert job_from_dict({"method": "herding"}).teacher_weights(data_free=True) == {}
-    assert manifest["init"]["method"] == manifest["settings"]["init"] == "real"  # data-free: random transfer images
+    assert manifest["init"]["method"] == manifest["settings"]["init"] == "kmeans"  # data-free too: k-means of the transfer images
 
 
 def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(tiny_mnist, tmp_path, capsys):
     from datafree.condense_job import job_from_dict, run_condense
 
-    assert job_from_dict({}).init_for(data_free=False) == "kmeans"  # chosen on a validation split (BENCHMARKS.md)
-    assert job_from_dict({}).init_for(data_free=True) == "real"
-    assert job_from_dict({"init": "herding"}).init_for(data_free=False) == "herding"
+    assert job_from_dict({}).init_for() == "kmeans"  # chosen on validation splits, real and data-free (BENCHMARKS.md)
+    assert job_from_dict({}).init_for(resumed="real") == "real"  # a resumed run keeps the start it was made with
+    assert job_from_dict({"init": "herding"}).init_for(resumed="real") == "herding"
     run_condense(job_from_dict({"source": str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz")), "ipc": 1, "method": "dm", "steps": 1, "net_width": 8,
                                 "real_per_class": 4, "out": str(tmp_path / "out"), "progress": False}))
     _, _, manifest = load_image_set(tmp_path / "out")

@@ -564,3 +564,31 @@ def test_pt2_teacher_of_another_zoo_arch(tmp_path):
     with pytest.raises(UserError, match="evaluation data 'cifar10' is 3x32x32"):
         run_distill(tiny_config(tmp_path, teacher=str(tmp_path / "r8.pt2"), eval_data="cifar10", out=str(tmp_path / "x")),
                     progress=False)
+
+
+def test_a_stop_while_the_trainer_starts_still_saves_and_exits_130(tmp_path, monkeypatch, capsys):
+    """SIGTERM before the first round (Lightning's set-up) ends as a stop, not as Lightning's exit status 1:
+    one round, a checkpoint, 130 and the --resume hint."""
+    from datafree.cli import main
+
+    def terminate_during_setup(self, trainer, pl_module, stage):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunControl, "setup", terminate_during_setup, raising=False)
+    out = tmp_path / "stopped"
+    code = main(["distill", "--out", str(out), "--steps", "50", "--batch-size", "32", "--student-steps", "1",
+                 "--no-eval", "--no-progress"])
+    stderr = capsys.readouterr().err
+    assert code == 130 and "--resume" in stderr
+    assert int(torch.load(out / "checkpoints/last.ckpt", weights_only=True)["datafree"]["rounds"]) == 1
+    assert signal.getsignal(signal.SIGTERM) is not signal.default_int_handler  # the command put the handlers back
+
+
+def test_the_stop_message_offers_resume_only_when_a_checkpoint_exists(tmp_path):
+    from datafree.cli import interrupted_message
+
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert "nothing to resume" in interrupted_message(checkpoint) and "--resume" not in interrupted_message(checkpoint)
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"x")
+    assert "--resume" in interrupted_message(checkpoint) and str(checkpoint) in interrupted_message(checkpoint)
