@@ -29,11 +29,14 @@ from benchmarks_md import write_block  # noqa: E402
 SETTINGS = {"tuned (datafree)": {}, "glibc defaults": {"DATAFREE_SYSTEM_MALLOC": "1"}}
 
 
-def jobs(seconds: int, work: Path) -> list[dict]:
+def jobs(seconds: int, work: Path, transfer: str | None = None) -> list[dict]:
     """The jobs: a name, the command's arguments, and how to read the work it did from its JSON output."""
     condense = ["condense", "--source", "mnist", "--ipc", "10", "--time-budget", f"{seconds}s", "--steps", "1000000", "--no-progress",
                 "--overwrite"]
-    return [
+    data_free = [{"job": f"condense dm, data-free ipc 10 (transfer set of {transfer})",
+                  "args": [*condense[:1], "--source", transfer, *condense[3:], "--method", "dm", "--out", str(work / "dm-data-free")],
+                  "measure": "steps", "read": lambda out: out["iterations"]}] if transfer else []
+    return data_free + [
         {"job": "condense dm, MNIST ipc 10", "args": [*condense, "--method", "dm", "--out", str(work / "dm")],
          "measure": "steps", "read": lambda out: out["iterations"]},
         {"job": "condense gm_pool, MNIST ipc 10", "args": [*condense, "--method", "gm_pool", "--out", str(work / "gm_pool")],
@@ -55,17 +58,21 @@ def run(args: list[str], extra_env: dict) -> tuple[dict, float]:
     if proc.returncode != 0:
         raise SystemExit(f"datafree {' '.join(args[:1])} failed:\n{proc.stderr[-2000:]}")
     text = proc.stdout.strip()
-    return json.loads(text[text.index("{"):]), seconds
+    return (json.loads(text[text.index("{"):]) if text.startswith("{") or "\n{" in text else {}), seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=60, help="wall-clock budget of each time-budgeted job")
+    parser.add_argument("--transfer", help="a distill run folder: add a data-free condensation of its transfer set")
+    parser.add_argument("--only", help="run only the jobs whose name contains this")
     parser.add_argument("--out", default=str(ROOT / "bench" / "allocator.json"))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for job in jobs(args.seconds, Path(tmp)):
+        for job in jobs(args.seconds, Path(tmp), args.transfer):
+            if args.only and args.only not in job["job"]:
+                continue
             row = {"job": job["job"], "measure": job["measure"]}
             for name, env in SETTINGS.items():
                 out, seconds = run(job["args"], env)
@@ -76,13 +83,13 @@ def main():
             rows.append(row)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     lines = [f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}. Budget of the timed jobs: {args.seconds} s. "
-             f"Command: `scripts/bench_allocator.py --seconds {args.seconds}`", "",
+             f"Command: `scripts/bench_allocator.py {' '.join(sys.argv[1:])}`", "",
              "| job | measure | tuned (datafree) | glibc defaults | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['job']} | {r['measure']} | {r['tuned (datafree)']} | {r['glibc defaults']} | {r['speed-up']}x |" for r in rows]
     print("\n".join(lines))
     Path(args.out).write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds,
                                           "rows": rows}, indent=2) + "\n")
-    write_block("allocator", "\n".join(lines), "Speed on a CPU: the memory allocator")
+    write_block(Path(args.out).stem.replace("_", "-"), "\n".join(lines), "Speed on a CPU: the memory allocator")
 
 
 if __name__ == "__main__":
