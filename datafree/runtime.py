@@ -5,8 +5,8 @@ default malloc settings, blocks above 128 KiB are mapped from the system and unm
 every free, and the top of the heap is given back as soon as 128 KiB of it is free, so each step
 pays page faults and zeroed pages for memory it just released. :func:`tune_allocator` keeps blocks
 of up to 32 MiB in the heap and gives back no less than 256 MiB at a time: data-free ``dm``
-condensation made 1.66x the steps in the same wall-clock time on a 2-core machine, distillation
-1.13x the rounds (``BENCHMARKS.md``, *Speed on a CPU*). The heavy entry points (``condense``, ``run_distill``, ``fit_supervised``
+condensation made 1.7-1.8x the steps in the same wall-clock time on a 2-core machine, distillation
+1.1-1.2x the rounds (``BENCHMARKS.md``, *Speed on a CPU*). The heavy entry points (``condense``, ``run_distill``, ``fit_supervised``
 and the command line) call it; it is a no-op outside glibc, when the user set glibc's own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``, or with ``DATAFREE_SYSTEM_MALLOC=1``.
 """

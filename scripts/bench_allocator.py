@@ -50,15 +50,15 @@ def jobs(seconds: int, work: Path, transfer: str | None = None) -> list[dict]:
     ]
 
 
-def run(args: list[str], extra_env: dict) -> tuple[dict, float]:
+def run(args: list[str], extra_env: dict) -> tuple[str, float]:
+    """One ``datafree`` command in a process of its own: its standard output and wall-clock seconds."""
     env = {k: v for k, v in os.environ.items() if k != "DATAFREE_SYSTEM_MALLOC"} | extra_env
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "datafree.cli", *args], env=env, capture_output=True, text=True, cwd=ROOT)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"datafree {' '.join(args[:1])} failed:\n{proc.stderr[-2000:]}")
-    text = proc.stdout.strip()
-    return (json.loads(text[text.index("{"):]) if text.startswith("{") or "\n{" in text else {}), seconds
+    return proc.stdout, seconds
 
 
 def main():
@@ -76,7 +76,7 @@ def main():
             row = {"job": job["job"], "measure": job["measure"]}
             for name, env in SETTINGS.items():
                 out, seconds = run(job["args"], env)
-                row[name] = round(seconds, 1) if job["read"] is None else job["read"](out)
+                row[name] = round(seconds, 1) if job["read"] is None else job["read"](json.loads(out))
                 print(f"{job['job']}: {name}: {row[name]} {job['measure']}", flush=True)
             tuned, system = row["tuned (datafree)"], row["glibc defaults"]
             row["speed-up"] = round(system / tuned if job["read"] is None else tuned / system, 2)

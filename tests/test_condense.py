@@ -552,7 +552,7 @@ def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tm
     assert manifest["init"]["method"] == manifest["settings"]["init"] == "kmeans"  # data-free too: k-means of the transfer images
 
 
-def test_the_default_initialisation_depends_on_the_source_and_a_given_one_wins(tiny_mnist, tmp_path, capsys):
+def test_the_default_initialisation_is_kmeans_and_a_given_or_resumed_one_wins(tiny_mnist, tmp_path, capsys):
     from datafree.condense_job import job_from_dict, run_condense
 
     assert job_from_dict({}).init_for() == "kmeans"  # chosen on validation splits, real and data-free (BENCHMARKS.md)
