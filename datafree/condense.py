@@ -65,7 +65,7 @@ class CondenseSettings:
     ``net_width=128, real_per_class=256, inner_loop=50``."""
 
     ipc: int = 10
-    iterations: int = 1000
+    iterations: int | None = 1000        # None: no cap, the time budget ends the run
     outer_loop: int | None = None         # matching steps per fresh network; default 1 (ipc 1), 10 (ipc <= 10), 50
     inner_loop: int | None = None         # network updates between matching steps; default 1 (ipc 1), else 10
     real_per_class: int = 128
@@ -137,6 +137,8 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
 
 def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:
     """Refuse, in one sentence, settings this source cannot take (checked before any file is written)."""
+    if s.iterations is None and not s.time_budget:
+        raise UserError("condensation needs a number of iterations or a time budget to end")
     if s.pool_size < 1 or s.aug_draws < 1 or s.refresh_every < 1:
         raise UserError(f"the network pool needs at least one network, draw and step between refreshes "
                         f"(pool_size {s.pool_size}, aug_draws {s.aug_draws}, refresh_every {s.refresh_every})")
@@ -383,7 +385,8 @@ class MatchingRun:
         return bool(self.shards.main_says(bool(self.s.time_budget) and self.elapsed() > self.s.time_budget))
 
     def next_iteration(self) -> bool:
-        return self.iteration < self.s.iterations and not self.out_of_time()
+        capped = self.s.iterations is not None and self.iteration >= self.s.iterations
+        return not capped and not self.out_of_time()
 
     def end_iteration(self, record: dict) -> None:
         self.iteration += 1

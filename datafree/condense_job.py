@@ -47,6 +47,7 @@ PUBLISHED = {"net_width": 128, "real_per_class": 256}
 # of the training data (BENCHMARKS.md, "Data-free condensation with teacher terms").
 TEACHER_TERMS = {"teacher_ce": 1.0, "teacher_bn": 10.0}
 PUBLISHED_METHODS = ("dc", "dsa")
+DEFAULT_ITERATIONS = 1000  # a job's iterations when neither steps nor a time budget is given
 
 
 @dataclass(config=STRICT)
@@ -66,7 +67,8 @@ class CondenseJob:
         "matching (dc, dsa, dm, gm_pool and dm_pool: dsa and dm over a cached network pool) or selection (random, herding, kcenter); dm was "
         "chosen on a validation split (BENCHMARKS.md)",
         DEFAULT_CONDENSE_METHOD)
-    steps: int = describe("outer iterations (each with a fresh network)", 1000, ge=1)
+    steps: int | None = describe(f"outer iterations (each with a fresh network; default {DEFAULT_ITERATIONS:,}, no cap "
+                                 "when a time budget is given: the budget ends the run)", ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 15m (or seconds); the progress counts the budget")
     init: Literal[INITS] | None = describe(  # type: ignore[valid-type]
         "start from random source images of each class (real), the class's herding picks (representative images), "
@@ -140,12 +142,24 @@ class CondenseJob:
         (``BENCHMARKS.md``; random transfer images were the data-free start until 2026-12-01)."""
         return self.init or resumed or "kmeans"
 
+    def iteration_cap(self) -> int | None:
+        """The most iterations this job makes: ``steps`` when given, none when only a time budget is
+        (the budget ends the run), else ``DEFAULT_ITERATIONS``.
+
+        Example:
+            >>> CondenseJob(time_budget="15m").iteration_cap() is None, CondenseJob().iteration_cap()
+            (True, 1000)
+        """
+        if self.steps is not None:
+            return self.steps
+        return None if self.budget_seconds() else DEFAULT_ITERATIONS
+
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
 
     def settings(self) -> dict:
         """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
-        chosen = {"iterations": self.steps, "time_budget": self.budget_seconds(), "factor": self.factor}
+        chosen = {"iterations": self.iteration_cap(), "time_budget": self.budget_seconds(), "factor": self.factor}
         if self.schedule == "published":
             outer, inner = (1, 1) if self.ipc == 1 else (10, 50) if self.ipc <= 10 else (50, 10)
             chosen |= PUBLISHED | {"outer_loop": outer, "inner_loop": inner}
@@ -236,7 +250,7 @@ class BudgetBar:
         0.5
     """
 
-    def __init__(self, steps: int, budget: float | None, show: bool = True, desc: str = "condense", report: bool = True):
+    def __init__(self, steps: int | None, budget: float | None, show: bool = True, desc: str = "condense", report: bool = True):
         from tqdm.auto import tqdm
 
         from datafree.progress import ProgressFile
@@ -249,7 +263,7 @@ class BudgetBar:
         self.report = ProgressFile(path="" if not report else None)  # only the main process reports
 
     def __call__(self, done: int, total: int, record: dict) -> None:
-        self.fraction = min(1.0, max(done / self.steps, record.get("seconds", 0.0) / self.budget if self.budget else 0.0))
+        self.fraction = min(1.0, max(done / self.steps if self.steps else 0.0, record.get("seconds", 0.0) / self.budget if self.budget else 0.0))
         self.bar.n = self.fraction * self.total
         self.bar.set_postfix(it=done, loss=f"{record.get('match_loss', 0):.3f}", refresh=False)
         self.bar.refresh()
@@ -295,7 +309,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         check_writable_dir(out, job.overwrite)
         remove_outputs(out)  # an overwritten run starts afresh: no image, checkpoint or report of the old one stays
     shards = _shards(job)
-    bar = BudgetBar(job.steps, job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
+    bar = BudgetBar(job.iteration_cap(), job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
                     report=shards.is_main)
     with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
         result = condense(source, job.method, job.ipc, seed=job.seed, progress=bar, checkpoint=checkpoint, resume=job.resume,

@@ -41,6 +41,9 @@ def describe(text: str, default=None, **kwargs):
     return Field(default, description=text, **kwargs)
 
 
+DEFAULT_ROUNDS = 1000  # a run's rounds when neither steps nor a time budget is given
+
+
 @dataclass(config=STRICT)
 class DistillConfig:
     """Everything a ``datafree distill`` run needs; written to the run folder as ``config.yaml``.
@@ -63,7 +66,8 @@ class DistillConfig:
     preset_note: str = describe("why the preset was chosen automatically (printed at the start of a run)", "")
     out: str = describe("the run folder", "runs/distill")
     seed: int = describe("seed of every random draw (same seed, same run)", 0)
-    steps: int = describe("synthesis rounds: one generator update and the student steps each", 1000, ge=1)
+    steps: int | None = describe(f"synthesis rounds: one generator update and the student steps each (default {DEFAULT_ROUNDS:,}; "
+                                 "no cap when a time budget is given: the budget ends the run)", ge=1)
     time_budget: str | float | None = describe("stop after this long, e.g. 10m or 1h30m (or seconds), keeping the best student so far")
     # synthesis
     generator: Literal[GENERATOR_NAMES] = describe("generator architecture (generators/)", "conditional")  # type: ignore[valid-type]
@@ -125,6 +129,18 @@ class DistillConfig:
     devices: int = describe("passed to Lightning", 1, ge=1)
     num_nodes: int = describe("passed to Lightning", 1, ge=1)
     strategy: str = describe("passed to Lightning, e.g. ddp", "auto")
+
+    def round_cap(self) -> int | None:
+        """The most rounds this run makes: ``steps`` when given, none when only a time budget is
+        (the budget ends the run), else ``DEFAULT_ROUNDS``.
+
+        Example:
+            >>> DistillConfig(time_budget="10m").round_cap() is None, DistillConfig().round_cap()
+            (True, 1000)
+        """
+        if self.steps is not None:
+            return self.steps
+        return None if parse_duration(self.time_budget) else DEFAULT_ROUNDS
 
 
 PRESETS: dict[str, dict] = {

@@ -74,7 +74,7 @@ class RunControl(L.Callback):
         if self.show_progress and trainer.is_global_zero:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.cfg.steps, initial=pl_module.rounds, desc="distill", unit="round", dynamic_ncols=True)
+            self.bar = tqdm(total=self.cfg.round_cap(), initial=pl_module.rounds, desc="distill", unit="round", dynamic_ncols=True)
 
     @contextlib.contextmanager
     def stop_signals(self):
@@ -122,7 +122,7 @@ class RunControl(L.Callback):
             metrics = {"loss_student": float(outputs["kd"]) if outputs else None, "pool_size": len(pl_module.pool),
                        "holdout_agreement": getattr(pl_module, "last_agreement", None)}
             last = self.stop_requested or pl_module.progress() >= 1.0  # the last round is always reported
-            self.report.update(pl_module.progress(), step, self.cfg.steps, metrics, force=last)
+            self.report.update(pl_module.progress(), step, self.cfg.round_cap(), metrics, force=last)
         if self.stop_requested or pl_module.progress() >= 1.0:
             trainer.should_stop = True
         if step % self.cfg.checkpoint_every == 0:

@@ -159,7 +159,8 @@ class DistillModule(L.LightningModule):
 
     def progress(self) -> float:
         """Fraction of the run done: by rounds, or by the time budget when that comes first."""
-        done = self.rounds / self.cfg.steps
+        cap = self.cfg.round_cap()
+        done = self.rounds / cap if cap else 0.0
         if self.budget_seconds:
             done = max(done, self.elapsed / self.budget_seconds)
         return min(1.0, done)
@@ -233,7 +234,7 @@ class DistillModule(L.LightningModule):
                 s_loss = self._student_step(opt_s)
 
         self.elapsed += time.monotonic() - started
-        if (step % 10 == 0 or step == cfg.steps - 1) and logits is not None:
+        if (step % 10 == 0 or step == (cfg.round_cap() or 0) - 1) and logits is not None:
             self._log_round(step, stats | {"lr_student": lr}, s_loss, logits)
         if (step + 1) % cfg.eval_every == 0:
             self._evaluate(step)

@@ -795,6 +795,31 @@ def test_a_budgeted_bar_counts_the_budget():
     assert bar.fraction == 1.0
 
 
+def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeypatch):
+    """``--time-budget 15m`` without ``--steps`` runs for 15 minutes, not for the default iterations."""
+    import datafree.condense_job as condense_job
+    from datafree.condense_job import CondenseJob, run_condense
+
+    monkeypatch.setattr(condense_job, "DEFAULT_ITERATIONS", 3)
+    source = str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz"))
+    tiny = {"source": source, "ipc": 1, "method": "dm", "net_width": 8, "real_per_class": 8, "progress": False}
+    budgeted = run_condense(CondenseJob(**tiny, time_budget=2, out=str(tmp_path / "budgeted")))
+    assert budgeted["iterations"] > 3
+    assert run_condense(CondenseJob(**tiny, out=str(tmp_path / "default")))["iterations"] == 3
+    assert run_condense(CondenseJob(**tiny, steps=2, time_budget=60, out=str(tmp_path / "both")))["iterations"] == 2
+    with pytest.raises(UserError, match="iterations or a time budget"):
+        condense(tiny_mnist, "dm", 1, iterations=None, net_width=8, real_per_class=8)
+
+
+def test_a_bar_with_no_iteration_cap_follows_the_budget():
+    from datafree.condense_job import BudgetBar
+
+    bar = BudgetBar(steps=None, budget=60.0, show=False)
+    bar(5_000, None, {"seconds": 30.0})
+    assert bar.fraction == pytest.approx(0.5)
+    bar.close()
+
+
 def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist, tmp_path, monkeypatch):
     from datafree.condense_job import CondenseJob, run_condense
 
@@ -812,7 +837,7 @@ def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist,
 
     monkeypatch.setattr(datafree.progress.ProgressFile, "update", spy)
     started = time.monotonic()
-    run_condense(CondenseJob(source=str(source), ipc=1, steps=100_000, time_budget=4, net_width=8, real_per_class=8,
+    run_condense(CondenseJob(source=str(source), ipc=1, time_budget=4, net_width=8, real_per_class=8,
                              out=str(tmp_path / "c"), progress=False))
     history = [json.loads(line) for line in (tmp_path / "c" / "history.jsonl").read_text().splitlines()]
     assert 4.0 <= history[-1]["seconds"] < 4.0 + 2 * max(h2["seconds"] - h1["seconds"] for h1, h2 in zip(history, history[1:]))

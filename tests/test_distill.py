@@ -36,6 +36,16 @@ def tiny_config(tmp_path, preset="fast", **overrides):
     return resolve_distill_config(preset=preset, overrides=values)
 
 
+def test_a_time_budget_alone_sets_no_round_cap(tmp_path, monkeypatch):
+    """``--time-budget 10m`` without ``--steps`` runs for 10 minutes, not for the default rounds."""
+    monkeypatch.setattr("datafree.config.DEFAULT_ROUNDS", 3)
+    budgeted = tiny_config(tmp_path / "budgeted", steps=None, time_budget="3s")  # None: not given
+    assert budgeted.round_cap() is None
+    assert run_distill(budgeted, progress=False)["steps"] > 3
+    assert run_distill(tiny_config(tmp_path / "default", steps=None), progress=False)["steps"] == 3
+    assert tiny_config(tmp_path / "both", steps=7, time_budget="1h").round_cap() == 7
+
+
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_generators_make_images_in_0_1(name):
     g = create_generator(name, channels=3, size=32, num_classes=5, **({"batch_size": 4} if name == "pixels" else {"latent_dim": 8, "width": 4}))

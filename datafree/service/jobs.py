@@ -49,8 +49,8 @@ def config_schemas() -> dict:
 
     Example:
         >>> schemas = config_schemas()
-        >>> schemas["condense"]["properties"]["ipc"]["default"], schemas["distill"]["properties"]["steps"]["type"]
-        (10, 'integer')
+        >>> schemas["condense"]["properties"]["ipc"]["default"], schemas["distill"]["properties"]["time_budget"]["default"]
+        (10, None)
     """
     from pydantic import TypeAdapter
 
