@@ -118,9 +118,9 @@ class CondenseJob:
         return self
 
     def budget_seconds(self) -> float | None:
-        if self.time_budget is None or isinstance(self.time_budget, (int, float)):
-            return float(self.time_budget) if self.time_budget else None
-        return parse_duration(self.time_budget)
+        """The time budget in seconds (None: none); a number reads as seconds, and one that is not a
+        positive finite number is refused as a text would be."""
+        return parse_duration(self.time_budget) or None
 
     def teacher_weights(self, data_free: bool) -> dict:
         """The teacher terms' weights this job runs with: the defaults in data-free mode (matching

@@ -234,7 +234,10 @@ class DistillModule(L.LightningModule):
                 s_loss = self._student_step(opt_s)
 
         self.elapsed += time.monotonic() - started
-        if (step % 10 == 0 or step == (cfg.round_cap() or 0) - 1) and logits is not None:
+        if self.trainer.world_size > 1:  # one clock for every rank: the stop and the last share come in the same round
+            self.elapsed = float(self.trainer.strategy.reduce(torch.tensor(self.elapsed, device=self.device), reduce_op="max"))
+        last = step == (cfg.round_cap() or 0) - 1 or bool(self.budget_seconds and self.elapsed >= self.budget_seconds)
+        if (step % 10 == 0 or last) and logits is not None:
             self._log_round(step, stats | {"lr_student": lr}, s_loss, logits)
         if (step + 1) % cfg.eval_every == 0:
             self._evaluate(step)

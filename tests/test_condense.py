@@ -809,6 +809,9 @@ def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeyp
     assert run_condense(CondenseJob(**tiny, steps=2, time_budget=60, out=str(tmp_path / "both")))["iterations"] == 2
     with pytest.raises(UserError, match="iterations or a time budget"):
         condense(tiny_mnist, "dm", 1, iterations=None, net_width=8, real_per_class=8)
+    for endless in (float("inf"), float("nan"), -5):  # a budget that would never end, or end before the start
+        with pytest.raises(UserError, match="time budget"):
+            CondenseJob(**tiny, time_budget=endless).validate()
 
 
 def test_a_bar_with_no_iteration_cap_follows_the_budget():

@@ -519,9 +519,12 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(tmp_path, capsys):
     assert int(torch.load(out / "checkpoints/last.ckpt", weights_only=True)["datafree"]["rounds"]) == saved + 3
 
 
-def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+@pytest.mark.parametrize("length", [["--steps", 3], ["--time-budget", "4s", "--final-share", 0.5]], ids=["steps", "budget"])
+def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, length):
+    """With a time budget the ranks share one clock (rank 0's slowest-of-all elapsed time), so they switch to the
+    last share and stop in the same round; ranks that disagreed would hang in a collective or drift apart."""
     out = tmp_path / "ddp"
-    proc = _cli("--out", out, "--preset", "dfad", "--steps", 3, "--batch-size", 32, "--student-steps", 2, "--accelerator", "cpu",
+    proc = _cli("--out", out, "--preset", "dfad", *length, "--batch-size", 32, "--student-steps", 2, "--accelerator", "cpu",
                 "--devices", 2, "--strategy", "ddp", "--no-eval", "--no-progress", "--eval-every", 3)
     stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-3000:]
