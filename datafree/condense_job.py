@@ -33,7 +33,7 @@ import torch
 
 from pydantic.dataclasses import dataclass
 
-from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, MATCHING_METHODS, STRICT, build_config, describe, parse_duration
+from datafree.config import CONDENSE_METHODS, DEFAULT_CONDENSE_METHOD, MATCHING_METHODS, STRICT, build_config, describe, parse_duration, step_cap
 from datafree.errors import UserError
 from datafree.io import check_writable_dir, launched_worker, sha256_file, write_text
 
@@ -150,9 +150,7 @@ class CondenseJob:
             >>> CondenseJob(time_budget="15m").iteration_cap() is None, CondenseJob().iteration_cap()
             (True, 1000)
         """
-        if self.steps is not None:
-            return self.steps
-        return None if self.budget_seconds() else DEFAULT_ITERATIONS
+        return step_cap(self.steps, self.time_budget, DEFAULT_ITERATIONS)
 
     def scaled_out(self) -> bool:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)

@@ -138,9 +138,7 @@ class DistillConfig:
             >>> DistillConfig(time_budget="10m").round_cap() is None, DistillConfig().round_cap()
             (True, 1000)
         """
-        if self.steps is not None:
-            return self.steps
-        return None if parse_duration(self.time_budget) else DEFAULT_ROUNDS
+        return step_cap(self.steps, self.time_budget, DEFAULT_ROUNDS)
 
 
 PRESETS: dict[str, dict] = {
@@ -208,6 +206,19 @@ CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool", "random", "herding"
 MATCHING_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool")  # those that optimise images (the others select real ones)
 DEFAULT_CONDENSE_METHOD = "dm"  # chosen on a validation split of the training data (scripts/choose_condense_defaults.py)
 NO_BN_PRESET = "dfq_input"  # the preset for teachers without readable BN statistics, chosen in BENCHMARKS.md
+
+
+def step_cap(steps: int | None, time_budget, default: int) -> int | None:
+    """How many steps a run may make: ``steps`` when given; none when only a time budget is (the
+    budget ends the run); else ``default``. Distillation's rounds and condensation's iterations alike.
+
+    Example:
+        >>> step_cap(None, "10m", 1000), step_cap(None, None, 1000), step_cap(50, "10m", 1000)
+        (None, 1000, 50)
+    """
+    if steps is not None:
+        return steps
+    return None if parse_duration(time_budget) else default
 
 
 def parse_duration(text: str | None) -> float | None:
