@@ -189,7 +189,7 @@ def cmd_teacher_export(args) -> int:
 
 
 DISTILL_FLAGS = ["teacher", "ensemble_rule", "teacher_input_spec", "student", "student_kwargs", "preset", "steps", "time_budget", "out", "seed",
-                 "generator", "batch_size", "student_steps", "schedule", "student_share", "pool_size", "lr_student",
+                 "generator", "batch_size", "synth_steps", "meta_rate", "bn_momentum", "student_steps", "schedule", "student_share", "pool_size", "lr_student",
                  "lr_generator", "kd_temperature", "student_loss", "augment", "final_augment", "mixup", "student_ema", "final_share", "final_pool", "archive_keeps",
                  "knowledge", "checkpoint_every", "eval_every",
                  "eval_data", "accelerator", "devices", "num_nodes", "strategy"]

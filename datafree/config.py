@@ -75,6 +75,10 @@ class DistillConfig:
                                       default_factory=lambda: {"latent_dim": 64, "width": 32})
     batch_size: int = describe("synthetic images per generator step", 256, ge=1)
     synth_steps: int = describe("generator updates per round", 1, ge=1)
+    meta_rate: float = describe(
+        "Fast-DFKD's meta generator (Fang et al., AAAI 2022, Reptile): each round starts from the meta generator, "
+        "makes synth_steps updates for its batch, then the meta generator moves this share of the way to the "
+        "adapted one (1: keep all of it, the plain loop; generators only, needs synth_steps > 1)", 1.0, gt=0, le=1)
     reset_every: int = describe("pixels: a fresh batch every N rounds (0: never); a finished batch joins the pool", 0, ge=0)
     jitter: int = describe("random shift in pixels of each synthetic batch before the teacher sees it", 0, ge=0)
     lr_generator: float = describe("generator (or pixel) learning rate", 1e-3, gt=0)

@@ -253,12 +253,18 @@ class DistillModule(L.LightningModule):
             self.synth.on_reset()
             opt_g.optimizer.state.clear()
         stats = {}
+        meta = cfg.meta_rate < 1 and not self.synth.is_pixels
+        start = [p.detach().clone() for p in self.generator.parameters()] if meta else None
         for _ in range(cfg.synth_steps):
             images, targets = self.synth.sample(cfg.batch_size, self.rng)
             loss, stats = self.synth.losses(images, targets, self.student)
             opt_g.zero_grad()
             self._backward(loss, self.generator)
             opt_g.step()
+        if meta:  # Fast-DFKD: the batch was made by the adapted generator; the meta one keeps a share of it
+            with torch.no_grad():
+                for p, p0 in zip(self.generator.parameters(), start):
+                    p.lerp_(p0, 1 - cfg.meta_rate)
         t_logits = stats.pop("_t_logits").detach()
         batch_done = not (self.synth.is_pixels and cfg.reset_every) or (step + 1) % cfg.reset_every == 0
         if batch_done:  # optimised pixels enter the pool only when their batch is finished

@@ -239,6 +239,35 @@ def test_real_test_data_does_not_change_the_student(tmp_path):
     assert plain["selected_step"] == evaluated["selected_step"] and plain["holdout_agreement"] == evaluated["holdout_agreement"]
 
 
+@pytest.mark.parametrize("meta_rate", [1.0, 0.25])
+def test_meta_rate_keeps_that_share_of_a_rounds_generator_updates(tmp_path, meta_rate):
+    """Fast-DFKD's meta generator: after a round of synth_steps updates the generator sits
+    meta_rate of the way from where the round started to where the updates took it (1: all of it)."""
+    from datafree.student import DistillModule
+
+    def round_from(state, rate):
+        torch.manual_seed(0)
+        cfg = tiny_config(tmp_path, "dfq", synth_steps=3, meta_rate=rate)
+        generator = create_generator(cfg.generator, 1, 28, 10, **cfg.generator_kwargs)
+        generator.load_state_dict(state)
+        module = DistillModule(load_teacher(BN_TEACHER), create_model("lenet5_half"), generator, cfg, notify=lambda m: None)
+        opt = torch.optim.Adam(generator.parameters(), lr=1e-2)
+        module._synthesis_step(0, opt)
+        return [p.detach().clone() for p in generator.parameters()], len(module.pool) + len(module.holdout)
+
+    cfg = tiny_config(tmp_path, "dfq")
+    start = create_generator(cfg.generator, 1, 28, 10, **cfg.generator_kwargs).state_dict()
+    start = {k: v.clone() for k, v in start.items()}
+    adapted, _ = round_from(start, 1.0)
+    kept, made = round_from(start, meta_rate)
+    assert made == cfg.batch_size  # the round's batch entered the pool (or the held-out set) either way
+    names = [name for name, _ in create_generator(cfg.generator, 1, 28, 10, **cfg.generator_kwargs).named_parameters()]
+    before = [start[name] for name in names]
+    assert any(not torch.equal(a, b) for a, b in zip(adapted, before))  # the updates moved it
+    for p0, p1, p in zip(before, adapted, kept):
+        assert torch.allclose(p, p0 + meta_rate * (p1 - p0), atol=1e-6)
+
+
 def test_student_ema_is_the_moving_average_of_the_steps_and_is_what_is_kept(tmp_path):
     """With student_ema d, the kept student is d * average + (1 - d) * weights after each step (the
     first step copied), not the raw weights; snapshots and selection use it."""
