@@ -81,7 +81,7 @@ class CondenseJob:
         "inner loop 50 at ipc 10); fields given explicitly override either", "cpu")
     pool_size: int | None = describe("gm_pool, dm_pool: networks in the pool (default 6)", ge=1)
     refresh_every: int | None = describe("gm_pool, dm_pool: matching steps between replacing the pool's oldest network (default 100)", ge=1)
-    real_per_class: int | None = describe("real images per class per matching step (default 128)", ge=1)
+    real_per_class: int | None = describe("real images per class per matching step (default 128; 256 for gm_pool)", ge=1)
     net_width: int | None = describe("width of the matching ConvNet (default 32, chosen on a validation split)", ge=1)
     outer_loop: int | None = describe("matching steps per fresh network (default by ipc)", ge=1)
     inner_loop: int | None = describe("network updates between matching steps (default by ipc)", ge=1)
@@ -156,7 +156,9 @@ class CondenseJob:
         return self.devices > 1 or self.num_nodes > 1 or bool(self.strategy)
 
     def settings(self) -> dict:
-        """The :class:`~datafree.condense.CondenseSettings` fields this job sets."""
+        """The :class:`~datafree.condense.CondenseSettings` fields this job sets (with the method's own defaults)."""
+        from datafree.condense import with_method_defaults
+
         chosen = {"iterations": self.iteration_cap(), "time_budget": self.budget_seconds(), "factor": self.factor}
         if self.schedule == "published":
             outer, inner = (1, 1) if self.ipc == 1 else (10, 50) if self.ipc <= 10 else (50, 10)
@@ -164,7 +166,7 @@ class CondenseJob:
         for name in ("real_per_class", "net_width", "outer_loop", "inner_loop", "pool_size", "refresh_every"):
             if getattr(self, name):
                 chosen[name] = getattr(self, name)
-        return chosen
+        return with_method_defaults(self.method, chosen)
 
 
 JOB_FIELDS = tuple(f.name for f in fields(CondenseJob))

@@ -814,6 +814,23 @@ def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeyp
             CondenseJob(**tiny, time_budget=endless).validate()
 
 
+def test_gm_pool_matches_256_real_images_per_class_unless_told(tiny_mnist, monkeypatch):
+    """gm_pool's own default (256 real images per class) reaches the run and the job's manifest
+    settings; an explicit value wins, and the other methods keep the shared default (128)."""
+    from datafree.condense_job import CondenseJob
+
+    seen = {}
+    for method in ("gm_pool", "dm"):
+        monkeypatch.setitem(CONDENSERS, method, lambda source, s, progress, m=method, **kw: seen.setdefault(m, []).append(s.real_per_class))
+    condense(tiny_mnist, "gm_pool", 1)
+    condense(tiny_mnist, "gm_pool", 1, real_per_class=64)
+    condense(tiny_mnist, "dm", 1)
+    assert seen == {"gm_pool": [256, 64], "dm": [CondenseSettings().real_per_class]} and CondenseSettings().real_per_class == 128
+    assert CondenseJob(method="gm_pool").settings()["real_per_class"] == 256
+    assert CondenseJob(method="gm_pool", real_per_class=32).settings()["real_per_class"] == 32
+    assert "real_per_class" not in CondenseJob(method="dm").settings()
+
+
 def test_a_bar_with_no_iteration_cap_follows_the_budget():
     from datafree.condense_job import BudgetBar
 
