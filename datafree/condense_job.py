@@ -287,7 +287,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         >>> run_condense(CondenseJob(source="mnist", ipc=1, steps=5, out="runs/c", net_width=8))["images"]  # doctest: +SKIP
         10
     """
-    from datafree.condense import CondenseSettings, check_source, condense
+    from datafree.condense import METHOD_DEFAULTS, CondenseSettings, check_source, condense
     from datafree.data import no_real_data
 
     job.validate()
@@ -295,8 +295,12 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     if job.soft_label_model and not job.soft_labels:
         raise UserError("config field 'soft_label_model' labels the images only with soft_labels on; add --soft-labels")
     settings = job.settings() | job.teacher_weights(data_free)
+    began_with = _checkpoint_key(Path(job.out) / CHECKPOINT) if job.resume else {}
     if job.method in MATCHING_METHODS:  # the selection methods pick source images: no start to choose
-        settings["init"] = job.init_for(_checkpoint_init(Path(job.out) / CHECKPOINT) if job.resume else None)
+        settings["init"] = job.init_for(began_with.get("init"))
+    for name in METHOD_DEFAULTS.get(job.method, {}):  # a default changed since the run began: it keeps its own
+        if getattr(job, name) is None and name in began_with:
+            settings[name] = began_with[name]
     check_source(source, job.method, CondenseSettings(ipc=job.ipc, **settings))  # before anything is written
     needs_teacher = job.soft_labels or any(settings.get(name) for name in TEACHER_TERMS)
     teacher = teacher_of_run(Path(job.source))[0] if needs_teacher and data_free else None  # checked before hours of work
@@ -321,13 +325,13 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
                            shards.world)
 
 
-def _checkpoint_init(path: Path) -> str | None:
-    """The initialisation a checkpointed run started with (None when there is no readable checkpoint):
-    a run resumed without ``init`` keeps its own, even if the default has changed since."""
+def _checkpoint_key(path: Path) -> dict:
+    """The settings a checkpointed run started with (empty when there is no readable checkpoint): a
+    run resumed without ``init`` or a method default keeps its own, even if the default has changed since."""
     try:
-        return json.loads(torch.load(path, map_location="cpu", weights_only=True)["key"]).get("init")
+        return json.loads(torch.load(path, map_location="cpu", weights_only=True)["key"])
     except Exception:
-        return None  # the resume itself says what is wrong with the checkpoint
+        return {}  # the resume itself says what is wrong with the checkpoint
 
 
 def soft_label_model(job: CondenseJob, source):

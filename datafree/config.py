@@ -76,9 +76,10 @@ class DistillConfig:
     batch_size: int = describe("synthetic images per generator step", 256, ge=1)
     synth_steps: int = describe("generator updates per round", 1, ge=1)
     meta_rate: float = describe(
-        "Fast-DFKD's meta generator (Fang et al., AAAI 2022, Reptile): each round starts from the meta generator, "
-        "makes synth_steps updates for its batch, then the meta generator moves this share of the way to the "
-        "adapted one (1: keep all of it, the plain loop; generators only, needs synth_steps > 1)", 1.0, gt=0, le=1)
+        "a meta generator as in Fast-DFKD (Fang et al., AAAI 2022), by Reptile interpolation: each round starts from "
+        "the meta generator, makes synth_steps updates for its batch (one Adam, its state kept across rounds), then the "
+        "meta generator moves this share of the way to the adapted one (1: keep all of it, the plain loop; generators "
+        "only, needs synth_steps > 1)", 1.0, gt=0, le=1)
     reset_every: int = describe("pixels: a fresh batch every N rounds (0: never); a finished batch joins the pool", 0, ge=0)
     jitter: int = describe("random shift in pixels of each synthetic batch before the teacher sees it", 0, ge=0)
     lr_generator: float = describe("generator (or pixel) learning rate", 1e-3, gt=0)
@@ -356,6 +357,9 @@ def validate(cfg: DistillConfig) -> None:
             raise UserError(f"the weight of knowledge term {key!r} must be a number >= 0, got {weight!r}")
     if cfg.max_student_steps < max(1, cfg.student_steps):
         raise UserError("config field 'max_student_steps' must be at least student_steps")
+    if cfg.meta_rate < 1 and (cfg.generator == "pixels" or cfg.synth_steps < 2):
+        raise UserError("config field 'meta_rate' needs a generator (not pixels) and synth_steps of 2 or more: "
+                        "the meta generator keeps a share of each round's several updates")
     if cfg.weights.get("soft") and cfg.generator != "pixels":
         raise UserError("the soft-target prior (weights.soft) needs the pixels generator: each image has its own target")
     parse_duration(cfg.time_budget)

@@ -815,8 +815,8 @@ def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeyp
 
 
 def test_gm_pool_matches_256_real_images_per_class_unless_told(tiny_mnist, monkeypatch):
-    """gm_pool's own default (256 real images per class) reaches the run and the job's manifest
-    settings; an explicit value wins, and the other methods keep the shared default (128)."""
+    """gm_pool's own default (256 real images per class) reaches the run and the job's settings (which
+    the manifest records); an explicit value wins, and the other methods keep the shared default (128)."""
     from datafree.condense_job import CondenseJob
 
     seen = {}
@@ -829,6 +829,18 @@ def test_gm_pool_matches_256_real_images_per_class_unless_told(tiny_mnist, monke
     assert CondenseJob(method="gm_pool").settings()["real_per_class"] == 256
     assert CondenseJob(method="gm_pool", real_per_class=32).settings()["real_per_class"] == 32
     assert "real_per_class" not in CondenseJob(method="dm").settings()
+
+
+def test_a_run_resumed_without_real_per_class_keeps_the_one_it_began_with(tiny_mnist, tmp_path):
+    """A gm_pool run checkpointed under another default (here: told 8) resumes with it, not with 256;
+    an explicit change on resume is still refused."""
+    npz, out = str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz")), tmp_path / "run"
+    common = ["condense", "--source", npz, "--ipc", "1", "--method", "gm_pool", "--net-width", "8", "--pool-size", "1",
+              "--out", str(out), "--no-progress"]
+    assert main(common + ["--steps", "1", "--real-per-class", "8"]) == 0
+    assert main(common + ["--steps", "2", "--resume"]) == 0
+    assert load_image_set(out)[2]["settings"]["real_per_class"] == 8
+    assert main(common + ["--steps", "3", "--resume", "--real-per-class", "16"]) == 2
 
 
 def test_a_bar_with_no_iteration_cap_follows_the_budget():

@@ -239,7 +239,15 @@ def test_real_test_data_does_not_change_the_student(tmp_path):
     assert plain["selected_step"] == evaluated["selected_step"] and plain["holdout_agreement"] == evaluated["holdout_agreement"]
 
 
-@pytest.mark.parametrize("meta_rate", [1.0, 0.25])
+@pytest.mark.parametrize("overrides", [{"synth_steps": 1, "meta_rate": 0.5}, {"preset": "fast", "meta_rate": 0.5}])
+def test_meta_rate_without_several_generator_updates_is_refused(overrides):
+    """One update a round, or a pixel batch, has no adapted generator to keep a share of."""
+    preset = overrides.pop("preset", "dfq")
+    with pytest.raises(UserError, match="meta_rate"):
+        resolve_distill_config(preset, overrides={"teacher": BN_TEACHER, **overrides})
+
+
+@pytest.mark.parametrize("meta_rate", [0.5, 0.25])
 def test_meta_rate_keeps_that_share_of_a_rounds_generator_updates(tmp_path, meta_rate):
     """Fast-DFKD's meta generator: after a round of synth_steps updates the generator sits
     meta_rate of the way from where the round started to where the updates took it (1: all of it)."""
