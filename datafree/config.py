@@ -237,11 +237,12 @@ def parse_duration(text: str | None) -> float | None:
         return None
     s = str(text).strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
-    if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
-        raise UserError(f"cannot read the time budget {text!r}: use e.g. 90s, 10m, 1.5h or 1h30m")
-    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", s)
+        if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
+            raise UserError(f"cannot read the time budget {text!r}: use e.g. 90s, 10m, 1.5h or 1h30m")
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if seconds <= 0:
         raise UserError(f"the time budget {text!r} must be positive")
     return seconds

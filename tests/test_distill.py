@@ -443,6 +443,7 @@ def test_distill_never_reads_real_data(tmp_path, monkeypatch):
     ({"preset": "dreamy"}, "unknown preset"),
     ({"student": "lenet9"}, "unknown architecture"),
     ({"time_budget": "ten minutes"}, "cannot read the time budget"),
+    ({"time_budget": "0"}, "must be positive"),  # not "no budget"
     ({"teacher": "missing.safetensors"}, "no teacher file"),
     ({"weights": {"bnn": 1.0}}, "unknown loss weight"),
     ({"generator": "vae"}, "unknown generator"),
