@@ -31,7 +31,7 @@ SETTINGS = {"tuned (datafree)": {}, "glibc defaults": {"DATAFREE_SYSTEM_MALLOC":
 
 def jobs(seconds: int, work: Path, transfer: str | None = None) -> list[dict]:
     """The jobs: a name, the command's arguments, and how to read the work it did from its JSON output."""
-    condense = ["condense", "--source", "mnist", "--ipc", "10", "--time-budget", f"{seconds}s", "--steps", "1000000", "--no-progress",
+    condense = ["condense", "--source", "mnist", "--ipc", "10", "--time-budget", f"{seconds}s", "--no-progress",
                 "--overwrite"]
     data_free = [{"job": f"condense dm, data-free ipc 10 (transfer set of {transfer})",
                   "args": [*condense[:1], "--source", transfer, *condense[3:], "--method", "dm", "--out", str(work / "dm-data-free")],
