@@ -113,8 +113,8 @@ class DistillConfig:
     pool_size: int = describe("synthetic samples kept for the student's steps", 20000, ge=1)
     final_share: float = describe("the last share of the run (time or rounds) trains the student only, on the archive of "
                                   "every synthesised batch (as DeepInversion and ZSKD distil from a synthesised set), "
-                                  "each of those rounds 4x the student steps (0: off; dfq sets 0.5, the only preset it was "
-                                  "measured with)", 0.0, ge=0, lt=1)
+                                  "each of those rounds 4x the student steps (0: off; dfq and dfq_input set 0.5, measured "
+                                  "with dfq)", 0.0, ge=0, lt=1)
     final_pool: int = describe("synthesised images archived for the last share of the run", 20000, ge=1)
     archive_keeps: Literal["newest", "uniform"] = describe(
         "which synthesised images the archive keeps: the newest (a ring buffer: a long run's last rounds only) or a "
