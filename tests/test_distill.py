@@ -242,9 +242,9 @@ def test_real_test_data_does_not_change_the_student(tmp_path):
 @pytest.mark.parametrize("overrides", [{"synth_steps": 1, "meta_rate": 0.5}, {"preset": "fast", "meta_rate": 0.5}])
 def test_meta_rate_without_several_generator_updates_is_refused(overrides):
     """One update a round, or a pixel batch, has no adapted generator to keep a share of."""
-    preset = overrides.pop("preset", "dfq")
+    fields = {k: v for k, v in overrides.items() if k != "preset"}  # the parameter itself stays as given
     with pytest.raises(UserError, match="meta_rate"):
-        resolve_distill_config(preset, overrides={"teacher": BN_TEACHER, **overrides})
+        resolve_distill_config(overrides.get("preset", "dfq"), overrides={"teacher": BN_TEACHER, **fields})
 
 
 @pytest.mark.parametrize("meta_rate", [0.5, 0.25])
