@@ -46,11 +46,23 @@ def _setting(item: str) -> tuple[str, object]:
     return key, value
 
 
+def _settings(text: str) -> dict:
+    """``"init=kmeans+extra.lr_dm=3"`` -> ``{"init": "kmeans", "extra": {"lr_dm": 3}}``: ``extra.`` names go to
+    the method-specific ``CondenseSettings.extra`` (e.g. ``lr_dm``, the image learning rate of ``dm``)."""
+    settings, extra = {}, {}
+    for key, value in map(_setting, text.split("+")):
+        if key.startswith("extra."):
+            extra[key.removeprefix("extra.")] = value
+        else:
+            settings[key] = value
+    return settings | ({"extra": extra} if extra else {})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--candidates", default="dsa:32,dsa:64,dm:32,dm:64",
-                        help="METHOD:NET_WIDTH[:SETTING=VALUE+SETTING=VALUE],... e.g. dm_pool:32:refresh_every=5+init=kmeans")
+                        help="METHOD:NET_WIDTH[:SETTING=VALUE+SETTING=VALUE],... e.g. dm_pool:32:refresh_every=5+init=kmeans or dm:32:extra.lr_dm=3")
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--budget", default="3m")
     parser.add_argument("--epochs", type=int, default=300)
@@ -63,7 +75,7 @@ def main():
     rows, held_out_tests = [], []
     for candidate in args.candidates.split(","):
         method, width, *extra = candidate.split(":")
-        settings = dict(_setting(item) for item in extra[0].split("+")) if extra else {}
+        settings = _settings(extra[0]) if extra else {}
         started = time.monotonic()
         result = condense(source, method, args.ipc, seed=0, iterations=10 ** 6, time_budget=parse_duration(args.budget),
                           net_width=int(width), **settings)
