@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from datafree.errors import UserError
-from datafree.runtime import tune_allocator
+from datafree.base.errors import UserError
+from datafree.base.runtime import tune_allocator
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_TEACHER = ASSETS / "teachers" / "mnist_lenet5.safetensors"
@@ -46,7 +46,7 @@ def _downloads(allowed: bool):
         ...     os.environ["DATAFREE_DOWNLOAD"]
         '1'
     """
-    from datafree.data import DOWNLOAD_ENV
+    from datafree.data.datasets import DOWNLOAD_ENV
 
     before = os.environ.get(DOWNLOAD_ENV)
     if allowed:
@@ -74,7 +74,7 @@ def _stop_signals(resumable: bool):
     """
     import signal
 
-    from datafree.io import launched_worker
+    from datafree.base.io import launched_worker
 
     previous = {}
     if resumable and not launched_worker():  # extra DDP processes stop when rank 0 does
@@ -112,9 +112,9 @@ def _add_teacher_source(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_teacher_train(args) -> int:
-    from datafree.data import load_dataset
-    from datafree.models import count_parameters, create_model
-    from datafree.teacher import save_model
+    from datafree.data.datasets import load_dataset
+    from datafree.models.zoo import count_parameters, create_model
+    from datafree.teachers.formats import save_model
 
     out = Path(args.out).with_suffix(".safetensors")
     if out.exists() and not args.overwrite:
@@ -124,7 +124,8 @@ def cmd_teacher_train(args) -> int:
     test = load_dataset(args.dataset, train=False, data_dir=args.data_dir)
     spec = train.spec
     model = create_model(args.arch, spec.num_classes, spec.channels, spec.size, **kwargs)
-    from datafree.training import accuracy, fit_supervised, make_augment  # Lightning: seconds to import, so after the checks
+    from datafree.models.inference import accuracy  # Lightning: seconds to import, so after the checks
+    from datafree.models.training import fit_supervised, make_augment
 
     print(f"training {args.arch} ({count_parameters(model):,} parameters) on {train.name} ({len(train):,} images), "
           f"{args.epochs} epochs, seed {args.seed}", file=sys.stderr)
@@ -144,7 +145,7 @@ def cmd_teacher_train(args) -> int:
 
 
 def cmd_teacher_inspect(args) -> int:
-    from datafree.teacher import load_teacher
+    from datafree.teachers.formats import load_teacher
 
     teacher = load_teacher(args.file, arch=args.arch, dataset=args.dataset, input_spec=args.input_spec)
     info = teacher.describe()
@@ -172,9 +173,9 @@ def cmd_teacher_inspect(args) -> int:
 
 
 def cmd_teacher_export(args) -> int:
-    from datafree.data import InputSpec
-    from datafree.export import export_program
-    from datafree.teacher import load_model, resolve_spec, sniff_format
+    from datafree.data.datasets import InputSpec
+    from datafree.outputs.export import export_program
+    from datafree.teachers.formats import load_model, resolve_spec, sniff_format
 
     out = Path(args.to)
     if out.exists() and not args.overwrite:
@@ -200,10 +201,11 @@ CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget",
 
 
 def cmd_distill(args) -> int:
-    from datafree.config import load_yaml, resolve_distill_config
-    from datafree.distill import CHECKPOINT as DISTILL_CHECKPOINT
-    from datafree.distill import run_distill
-    from datafree.flags import given
+    from datafree.base.config import load_yaml
+    from datafree.base.flags import given
+    from datafree.distill.job import CHECKPOINT as DISTILL_CHECKPOINT
+    from datafree.distill.job import run_distill
+    from datafree.distill.presets import resolve_distill_config
 
     overrides = given(args, [*DISTILL_FLAGS, "data_dir"])
     config_path = args.config
@@ -228,7 +230,7 @@ def cmd_distill(args) -> int:
 
 def _card_dataset(teacher_path) -> str | None:
     """Report-only evaluation defaults to the data set named in the teacher's card, when its files are here."""
-    from datafree.data import TORCHVISION_SETS, canonical_name, data_root
+    from datafree.data.datasets import TORCHVISION_SETS, canonical_name, data_root
 
     if not teacher_path:
         return None
@@ -243,7 +245,8 @@ def _card_dataset(teacher_path) -> str | None:
 
 
 def cmd_condense(args) -> int:
-    from datafree.condense_job import CHECKPOINT, JOB_FIELDS, job_from_dict, run_condense
+    from datafree.condense.config import JOB_FIELDS, job_from_dict
+    from datafree.condense.job import CHECKPOINT, run_condense
 
     values = {name: getattr(args, name) for name in JOB_FIELDS if hasattr(args, name)}
     values["progress"] = not args.no_progress
@@ -256,10 +259,10 @@ def cmd_condense(args) -> int:
 
 
 def cmd_evaluate_set(args) -> int:
-    from datafree.data import ImageSet, dataset_spec, load_dataset
-    from datafree.evaluate import evaluate_set
-    from datafree.export import read_set
-    from datafree.io import write_json
+    from datafree.base.io import write_json
+    from datafree.data.datasets import ImageSet, dataset_spec, load_dataset
+    from datafree.outputs.evaluate import evaluate_set
+    from datafree.outputs.export import read_set
 
     own = (Path(args.path) / "dataset.safetensors").is_file()
     manifest = json.loads((Path(args.path) / "manifest.json").read_text()) if own else {}
@@ -290,9 +293,9 @@ def cmd_evaluate_set(args) -> int:
 def load_synthetic(path, spec=None):
     """A condensed set folder, a plain image folder (read with ``spec``), or a distill run's transfer
     set: ``(images, the run's teacher or None, manifest)``."""
-    from datafree.condense_job import teacher_of_run
-    from datafree.data import load_transfer_set
-    from datafree.export import read_set
+    from datafree.condense.job import teacher_of_run
+    from datafree.data.datasets import load_transfer_set
+    from datafree.outputs.export import read_set
 
     path = Path(path)
     if (path / "transfer.safetensors").is_file():
@@ -310,8 +313,8 @@ def load_synthetic(path, spec=None):
 
 def _traceable_sources(folder: Path, manifest: dict, real):
     """The set's per-image source indices when ``real`` is the very set it was condensed from, else (None, reason)."""
-    from datafree.condense_job import dataset_digest
-    from datafree.export import init_sources
+    from datafree.condense.job import dataset_digest
+    from datafree.outputs.export import init_sources
 
     starts = init_sources(folder) if manifest.get("source", {}).get("kind") == "real data" else None
     if starts is None or int((starts >= 0).sum()) == 0:
@@ -322,9 +325,9 @@ def _traceable_sources(folder: Path, manifest: dict, real):
 
 
 def cmd_audit(args) -> int:
-    from datafree.audit import audit_set
-    from datafree.data import load_dataset
-    from datafree.io import read_json, write_json
+    from datafree.base.io import read_json, write_json
+    from datafree.data.datasets import load_dataset
+    from datafree.outputs.audit import audit_set
 
     real = load_dataset(args.real, train=True, data_dir=args.data_dir, download=getattr(args, "download", False)) if args.real else None
     folder = Path(args.synthetic)
@@ -334,7 +337,7 @@ def cmd_audit(args) -> int:
     if not args.out and not own_manifest and not (folder / "transfer.safetensors").is_file() and out.exists():
         raise UserError(f"{str(out)!r} exists in a folder this project did not write; say where the audit goes with --out")
     if args.teacher:
-        from datafree.teacher import load_teacher
+        from datafree.teachers.formats import load_teacher
 
         teacher = load_teacher(args.teacher)
     if args.no_teacher:
@@ -351,7 +354,7 @@ def cmd_audit(args) -> int:
                              "feature_near_copies": report.get("feature", {}).get("near_copies"),
                              "nearest_is_own_source": report.get("traceability", {}).get("nearest_is_own_source"), "file": out.name}
         write_json(folder / "manifest.json", manifest)
-        from datafree.report import write_report
+        from datafree.outputs.report import write_report
 
         write_report(folder)
     pixel, trace = report.get("pixel", {}), report.get("traceability", {})
@@ -364,10 +367,9 @@ def cmd_audit(args) -> int:
 
 
 def cmd_export_student(args) -> int:
-    from datafree.data import load_dataset
-    from datafree.handoff import export_student
-
-    from datafree.condense_job import teacher_of_run
+    from datafree.condense.job import teacher_of_run
+    from datafree.data.datasets import load_dataset
+    from datafree.outputs.handoff import export_student
 
     run = Path(args.run)
     teacher = teacher_of_run(run)[0] if (run / "config.yaml").is_file() and (run / "manifest.json").is_file() else None
@@ -389,9 +391,10 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from datafree.condense_job import CondenseJob
-    from datafree.config import NO_BN_PRESET, PRESETS, DistillConfig
-    from datafree.flags import add_config_flags
+    from datafree.base.flags import add_config_flags
+    from datafree.condense.config import CondenseJob
+    from datafree.distill.config import DistillConfig
+    from datafree.distill.presets import NO_BN_PRESET, PRESETS
 
     parser = argparse.ArgumentParser(prog="datafree", description="Data-free knowledge distillation and dataset condensation.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,7 @@ Example:
 """
 from __future__ import annotations
 
-from datafree.registry import Registry
+from datafree.base.registry import Registry
 
 GENERATORS = Registry("generator")
 register_generator = GENERATORS.register  # decorator for constructors fn(channels, size, num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""Benchmark glibc malloc's settings (datafree.runtime.tune_allocator) against the system's, job by job.
+"""Benchmark glibc malloc's settings (datafree.base.runtime.tune_allocator) against the system's, job by job.
 
     DATAFREE_DATA=../shared/data python scripts/bench_allocator.py --seconds 60
 

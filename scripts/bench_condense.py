@@ -6,10 +6,10 @@
     DATAFREE_DATA=../shared/data python scripts/bench_condense.py --merge --rows - --references ../shared/reference/vico-mnist-ipc10/snap_DM_ipc10_exp0_t01201
     DATAFREE_DATA=../shared/data python scripts/bench_condense.py --quick      # a smoke run of the script
 
-Every set is made by :func:`datafree.condense_job.run_condense` (the job the command line and the
+Every set is made by :func:`datafree.condense.job.run_condense` (the job the command line and the
 service run, with its no-real-data guard for ``transfer:RUN`` sources) into ``bench/condense_runs/``.
 Condensation is timed (evaluation is not); each set is scored with the fixed protocol of
-``datafree.evaluate`` (mean +- std over ``--models`` fresh ConvNets on the real test set), next to
+``datafree.outputs.evaluate`` (mean +- std over ``--models`` fresh ConvNets on the real test set), next to
 the published figures. ``--references`` scores image folders made by other code (ImageFolder
 layout) with the same evaluator in the same run. ``--audit`` adds the privacy audit of each set
 against the real training set (near-copies, nearest/second-nearest ratio, images still nearest to
@@ -30,10 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks_md import write_block  # noqa: E402
-from datafree.condense_job import TEACHER_TERMS, CondenseJob, run_condense  # noqa: E402
-from datafree.data import ImageSet, dataset_spec, load_dataset  # noqa: E402
-from datafree.evaluate import PROTOCOL, PROTOCOLS, evaluate_set  # noqa: E402
-from datafree.export import init_sources, read_set  # noqa: E402
+
+from datafree.condense.config import TEACHER_TERMS, CondenseJob  # noqa: E402
+from datafree.condense.job import run_condense
+from datafree.data.datasets import ImageSet, dataset_spec, load_dataset  # noqa: E402
+from datafree.outputs.evaluate import PROTOCOL, PROTOCOLS, evaluate_set  # noqa: E402
+from datafree.outputs.export import init_sources, read_set  # noqa: E402
 
 PUBLISHED = {  # ConvNet test accuracy at 1 / 10 / 50 images per class: Zhao, Mopuri & Bilen, "Dataset Condensation with
     # Gradient Matching", ICLR 2021, Table 1 (random, herding, DC); Zhao & Bilen, "Dataset Condensation with Differentiable
@@ -61,8 +63,8 @@ def _source(dataset: str) -> tuple[str, str, str]:
 
 def _audit(folder: Path, real: ImageSet) -> dict:
     """Near-copies, the median nearest/second-nearest ratio and traceability of a set against ``real``."""
-    from datafree.audit import audit_set
-    from datafree.condense_job import dataset_digest
+    from datafree.condense.job import dataset_digest
+    from datafree.outputs.audit import audit_set
 
     images, _, manifest = read_set(folder, spec=real.spec)
     starts = init_sources(folder)
@@ -85,7 +87,7 @@ def main():
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="training epochs of each evaluation model (default: the protocol's)")
     parser.add_argument("--protocol", default="fixed", choices=sorted(PROTOCOLS),
-                        help="evaluation protocol (datafree.evaluate.PROTOCOLS): fixed (300 epochs) or published (1,001)")
+                        help="evaluation protocol (datafree.outputs.evaluate.PROTOCOLS): fixed (300 epochs) or published (1,001)")
     parser.add_argument("--soft-labels", action="store_true",
                         help="data-free rows keep the teacher's softmax with each image and are also scored training on it "
                              "(KD), in a column of its own beside the hard-label result")

@@ -10,7 +10,7 @@ default ``lenet5_half`` and the preset's own settings apply (``datafree distill 
 Real data is read only after a run has finished, to score it:
 
 - ``student %``: the kept student on the real test set (measured once; chooses nothing);
-- ``cross-agreement %``: the data-free signal (:mod:`datafree.selection`) that picks the method for
+- ``cross-agreement %``: the data-free signal (:mod:`datafree.distill.selection`) that picks the method for
   each teacher: agreement with the teacher on the *other* candidates' held-out synthetic samples;
 - ``curve``: test accuracy of the student snapshots taken during the run (every ``eval_every``
   rounds), to read the time needed to reach an accuracy; reporting only.
@@ -39,7 +39,8 @@ def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train
     cosine schedule of the distill loop, for the same wall-clock budget."""
     import torch
 
-    from datafree.student import kd_loss, student_augment
+    from datafree.distill.losses import kd_loss
+    from datafree.distill.module import student_augment
 
     torch.manual_seed(seed)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True)
@@ -62,7 +63,7 @@ def kd_baseline(teacher, student, source: str, budget_s: float, seed: int, train
 
 def test_set_for(teacher, dataset):
     """The real test set in the teacher's input space."""
-    from datafree.data import load_dataset
+    from datafree.data.datasets import load_dataset
 
     test = load_dataset(dataset, train=False)
     test.images = teacher.spec.normalize(test.spec.denormalize(test.images))
@@ -74,12 +75,13 @@ def run_task(task: dict) -> dict:
     import torch
 
     torch.set_num_threads(task["threads"])
-    from datafree.config import parse_duration, resolve_distill_config
-    from datafree.data import load_dataset
-    from datafree.distill import build_student, run_distill
-    from datafree.student import DistillModule
-    from datafree.teacher import load_model, load_teacher
-    from datafree.training import accuracy
+    from datafree.base.config import parse_duration
+    from datafree.data.datasets import load_dataset
+    from datafree.distill.job import build_student, run_distill
+    from datafree.distill.module import DistillModule
+    from datafree.distill.presets import resolve_distill_config
+    from datafree.models.inference import accuracy
+    from datafree.teachers.formats import load_model, load_teacher
 
     member, budget = task["member"], task["budget"]
     teacher_path = str(ROOT / member["file"])
@@ -153,9 +155,9 @@ def main():
         args.budget, args.bound_budget, args.eval_every = "20s", "20s", 10
     import torch
 
-    from datafree.selection import cross_agreement, load_run_candidate, spearman
-    from datafree.teacher import load_teacher
-    from datafree.training import accuracy
+    from datafree.distill.selection import cross_agreement, load_run_candidate, spearman
+    from datafree.models.inference import accuracy
+    from datafree.teachers.formats import load_teacher
 
     members = json.loads(Path(args.suite).read_text())["members"]
     if args.teachers:

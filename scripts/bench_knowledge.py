@@ -31,12 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.config import resolve_distill_config  # noqa: E402
-from datafree.data import ImageSet, load_dataset  # noqa: E402
-from datafree.distill import run_distill  # noqa: E402
-from datafree.ensemble import load_teachers  # noqa: E402
-from datafree.teacher import load_model, load_teacher  # noqa: E402
-from datafree.training import predict  # noqa: E402
+from datafree.data.datasets import ImageSet, load_dataset  # noqa: E402
+from datafree.distill.job import run_distill  # noqa: E402
+from datafree.distill.presets import resolve_distill_config  # noqa: E402
+from datafree.models.inference import predict  # noqa: E402
+from datafree.teachers.ensemble import load_teachers  # noqa: E402
+from datafree.teachers.formats import load_model, load_teacher  # noqa: E402
 
 LENET, NOBN = "assets/teachers/mnist_lenet5.safetensors", "assets/teachers/mnist_lenet5_nobn.safetensors"
 CONVNET_PT2 = "bench/knowledge_runs/mnist_convnet_in.pt2"  # exported from assets/suite/mnist_convnet_in.safetensors
@@ -50,8 +50,8 @@ VARIANTS = {"logits": {}, "hint": {"hint": 1.0}, "attention": {"attention": 1.0}
 
 def export_convnet_pt2() -> None:
     """The instance-norm ConvNet handed over as a ``.pt2`` program only (as an owner would)."""
-    from datafree.data import InputSpec
-    from datafree.export import export_program
+    from datafree.data.datasets import InputSpec
+    from datafree.outputs.export import export_program
 
     model, card = load_model(ROOT / "assets/suite/mnist_convnet_in.safetensors")
     path = ROOT / CONVNET_PT2
@@ -61,7 +61,7 @@ def export_convnet_pt2() -> None:
 
 def _predictions(student_dir: Path, test: ImageSet):
     """The run's student's test predictions, and a function giving any teacher's (in its own input space)."""
-    from datafree.data import InputSpec
+    from datafree.data.datasets import InputSpec
 
     student, card = load_model(student_dir / "student.safetensors")
     pixels = test.spec.denormalize(test.images)
@@ -133,7 +133,7 @@ def main():
 
 def accuracy_of(teacher: str, test: ImageSet) -> float:
     """A teacher's real test accuracy (for the table)."""
-    from datafree.training import accuracy
+    from datafree.models.inference import accuracy
 
     t = load_teacher(str(ROOT / teacher))
     return accuracy(t, ImageSet(t.spec.normalize(test.spec.denormalize(test.images)), test.labels, t.spec))

@@ -25,10 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.condense import condense  # noqa: E402
-from datafree.config import parse_duration  # noqa: E402
-from datafree.data import ImageSet, load_dataset  # noqa: E402
-from datafree.evaluate import evaluate_set  # noqa: E402
+from datafree.base.config import parse_duration  # noqa: E402
+from datafree.condense.condenser import condense  # noqa: E402
+from datafree.data.datasets import ImageSet, load_dataset  # noqa: E402
+from datafree.outputs.evaluate import evaluate_set  # noqa: E402
 
 
 def split(data: ImageSet, start: int, stop: int) -> ImageSet:

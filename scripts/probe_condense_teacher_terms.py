@@ -8,7 +8,7 @@
 For each ``CE:BN`` pair of weights and each start (``--inits``: the condensation's ``init``, here on
 the transfer images), ``dm`` condenses the distill run's transfer set (no real image
 read) to ipc 10 for the same wall-clock budget, with the run's teacher asked about the augmented
-synthetic images (``datafree.condense.teacher_terms``). One fresh ConvNet (fixed protocol) is
+synthetic images (``datafree.condense.matching.teacher_terms``). One fresh ConvNet (fixed protocol) is
 trained on each set and scored on training images 50,000-59,999 of the run's data set: never the
 test set. Appends one JSON line per pair to ``bench/probe_condense_teacher_terms.jsonl``.
 """
@@ -25,12 +25,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.condense import condense  # noqa: E402
-from datafree.condense_job import teacher_of_run  # noqa: E402
-from datafree.config import parse_duration  # noqa: E402
-from datafree.data import TORCHVISION_SETS, ImageSet, dataset_spec, load_dataset, load_transfer_set, no_real_data  # noqa: E402
-from datafree.evaluate import evaluate_set  # noqa: E402
-from datafree.training import predict  # noqa: E402
+from datafree.base.config import parse_duration  # noqa: E402
+from datafree.condense.condenser import condense  # noqa: E402
+from datafree.condense.job import teacher_of_run  # noqa: E402
+from datafree.data.datasets import (  # noqa: E402
+    TORCHVISION_SETS,
+    ImageSet,
+    dataset_spec,
+    load_dataset,
+    load_transfer_set,
+    no_real_data,
+)
+from datafree.models.inference import predict  # noqa: E402
+from datafree.outputs.evaluate import evaluate_set  # noqa: E402
 
 
 def dataset_of(class_names: list[str]) -> str:

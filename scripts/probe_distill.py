@@ -30,7 +30,7 @@ VALIDATION = 10_000  # the last images of the training split
 
 def validation_set(teacher, dataset: str):
     """The last ``VALIDATION`` training images, in the teacher's input space."""
-    from datafree.data import load_dataset
+    from datafree.data.datasets import load_dataset
 
     train = load_dataset(dataset, train=True)
     train.images = teacher.spec.normalize(train.spec.denormalize(train.images[-VALIDATION:]))
@@ -42,8 +42,8 @@ def validation_set(teacher, dataset: str):
 def scoring_the_candidates(val, scores: list, timing: dict):
     """While a run ends, score each snapshot its selection chooses between on the validation split,
     just before the run's own (data-free) choice, which this does not change."""
-    from datafree.student import DistillModule, agreement
-    from datafree.training import accuracy
+    from datafree.distill.module import DistillModule
+    from datafree.models.inference import accuracy, agreement
 
     original = DistillModule.select_best
 
@@ -67,10 +67,10 @@ def scoring_the_candidates(val, scores: list, timing: dict):
 
 
 def run_variant(member: dict, name: str, overrides: dict, budget: str | None, rounds: int, seed: int) -> dict:
-    from datafree.config import resolve_distill_config
-    from datafree.distill import run_distill
-    from datafree.teacher import load_model, load_teacher
-    from datafree.training import accuracy
+    from datafree.distill.job import run_distill
+    from datafree.distill.presets import resolve_distill_config
+    from datafree.models.inference import accuracy
+    from datafree.teachers.formats import load_model, load_teacher
 
     teacher_path = str(ROOT / member["file"])
     out = ROOT / "runs" / "probe" / member["name"] / f"{name}-s{seed}"

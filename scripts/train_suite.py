@@ -34,10 +34,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from datafree.data import load_dataset  # noqa: E402
-from datafree.models import create_model  # noqa: E402
-from datafree.teacher import load_teacher, save_model  # noqa: E402
-from datafree.training import accuracy, fit_supervised, make_augment  # noqa: E402
+from datafree.data.datasets import load_dataset  # noqa: E402
+from datafree.models.inference import accuracy  # noqa: E402
+from datafree.models.training import fit_supervised, make_augment
+from datafree.models.zoo import create_model  # noqa: E402
+from datafree.teachers.formats import load_teacher, save_model  # noqa: E402
 
 SHIPPED = [  # (name, file, dataset, form)
     ("mnist_lenet5", "assets/teachers/mnist_lenet5.safetensors", "mnist", "safetensors + card"),

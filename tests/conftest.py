@@ -24,8 +24,8 @@ def real_data_missing() -> str | None:
 
     With DATAFREE_DOWNLOAD=1, missing sets are downloaded first (where the network allows).
     """
-    from datafree.data import data_root, download_allowed, load_dataset
-    from datafree.errors import UserError
+    from datafree.base.errors import UserError
+    from datafree.data.datasets import data_root, download_allowed, load_dataset
 
     root = data_root()
     missing = [name for name in REAL_SETS if not all((root / name / "raw" / f).is_file() for f in RAW_FILES)]
@@ -79,9 +79,9 @@ def _seed_and_threads():
 @pytest.fixture
 def tiny_teacher(tmp_path):
     """A freshly initialised lenet5 (with BN running stats that are not trivial) saved as safetensors + card."""
-    from datafree.data import dataset_spec
-    from datafree.models import create_model
-    from datafree.teacher import save_model
+    from datafree.data.datasets import dataset_spec
+    from datafree.models.zoo import create_model
+    from datafree.teachers.formats import save_model
 
     model = create_model("lenet5")
     model.train()

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import TEACHERS
-from datafree.audit import audit_set
 from datafree.cli import main
-from datafree.data import ImageSet, load_dataset
-from datafree.export import load_image_set, save_image_set
-from datafree.teacher import load_teacher
+from datafree.data.datasets import ImageSet, load_dataset
+from datafree.outputs.audit import audit_set
+from datafree.outputs.export import load_image_set, save_image_set
+from datafree.teachers.formats import load_teacher
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_audit_command_updates_manifest_and_report(real, tmp_path, capsys):
 
 
 def test_audit_refuses_mismatched_sizes(real):
-    from datafree.data import InputSpec
-    from datafree.errors import UserError
+    from datafree.base.errors import UserError
+    from datafree.data.datasets import InputSpec
 
     small = ImageSet(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]), InputSpec(1, 8, (0.0,), (1.0,), [str(i) for i in range(10)]))
     with pytest.raises(UserError, match="1x8x8"):
@@ -91,8 +91,8 @@ def test_audit_refuses_mismatched_sizes(real):
 @pytest.mark.real_data
 def test_export_student_handoff_package(tmp_path, capsys, monkeypatch):
     """export student writes a loadable package whose card accuracy and teacher agreement match an independent evaluation."""
-    from datafree.config import resolve_distill_config
-    from datafree.distill import run_distill
+    from datafree.distill.job import run_distill
+    from datafree.distill.presets import resolve_distill_config
 
     cfg = resolve_distill_config("dfq", overrides={
         "teacher": str(TEACHERS / "mnist_lenet5.safetensors"), "out": str(tmp_path / "run"), "steps": 30, "batch_size": 32,
@@ -129,12 +129,12 @@ def test_export_student_handoff_package(tmp_path, capsys, monkeypatch):
     assert "not empty" in capsys.readouterr().err
 
     # a quantisation that fails is an error that names it, before anything is written: never a missing file
-    import datafree.handoff
+    import datafree.outputs.handoff
 
     def broken_prepare(*args):
         raise RuntimeError("no quantiser for this op")
 
-    monkeypatch.setattr(datafree.handoff, "_import_pt2e", lambda: (broken_prepare, None, None))
+    monkeypatch.setattr(datafree.outputs.handoff, "_import_pt2e", lambda: (broken_prepare, None, None))
     assert main(["export", "student", str(tmp_path / "run"), "--out", str(tmp_path / "failed"), "--int8"]) == 2
     assert "int8 quantisation of the lenet5_half student failed (RuntimeError: no quantiser" in capsys.readouterr().err
     assert not (tmp_path / "failed").exists() or not any((tmp_path / "failed").iterdir())
@@ -142,7 +142,7 @@ def test_export_student_handoff_package(tmp_path, capsys, monkeypatch):
 
 def _check_int8(q: dict, out, test, float_program, taught):
     """The int8 entry of the card, re-measured on the written files: a static int8 .pt2 of convolutions and linears."""
-    from datafree.teacher import load_model
+    from datafree.teachers.formats import load_model
 
     assert q["file"] == "student_int8.pt2" and not list(out.glob("*.ts"))
     # the card's snippet runs as written, and the program calls only aten ops and the quantize/dequantize ops that

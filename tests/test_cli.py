@@ -126,7 +126,7 @@ def test_exported_program_needs_no_datafree_import(tmp_path):
 
 @pytest.mark.real_data
 def test_shipped_teacher_exported_program_matches_its_accuracy(tmp_path):
-    from datafree.data import load_dataset
+    from datafree.data.datasets import load_dataset
 
     path = TEACHERS / "mnist_lenet5.safetensors"
     assert main(["teacher", "export", str(path), "--to", str(tmp_path / "m.pt2")]) == 0

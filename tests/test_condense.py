@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from datafree.augment import ALL_FAMILIES, SiameseAugment, families_for
+from datafree.base.errors import UserError
 from datafree.cli import main
-from datafree.condense import CONDENSERS, CondenseSettings, condense, match_distance
-from datafree.data import ImageSet, InputSpec, load_dataset
-from datafree.errors import UserError
-from datafree.export import load_image_set, save_image_set
+from datafree.condense.condenser import condense
+from datafree.condense.matching import match_distance
+from datafree.condense.settings import CONDENSERS, CondenseSettings
+from datafree.data.augment import ALL_FAMILIES, SiameseAugment, families_for
+from datafree.data.datasets import ImageSet, InputSpec, load_dataset
+from datafree.outputs.export import load_image_set, save_image_set
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_per_image_draws_transform_each_image_by_its_own_row(family):
 
 def test_evaluation_augmentation_draws_parameters_per_image():
     """The reference code trains evaluation models with DiffAugment(seed=-1): each image its own draw."""
-    from datafree.evaluate import DSATransform
+    from datafree.outputs.evaluate import DSATransform
 
     torch.manual_seed(0)
     same = torch.rand(1, 1, 28, 28).repeat(64, 1, 1, 1)
@@ -80,7 +82,7 @@ def test_evaluation_augmentation_draws_parameters_per_image():
 
 def test_convnet_pads_1_channel_28_pixel_inputs_as_the_reference_code():
     """The reference ConvNet runs MNIST at 32 x 32 (first padding 3): 4 x 4 features, not 3 x 3."""
-    from datafree.models import ConvNet, reference_padding
+    from datafree.models.zoo import ConvNet, reference_padding
 
     assert reference_padding(1, 28) == 3 and reference_padding(3, 32) == 1 and reference_padding(1, 32) == 1
     net = ConvNet(10, 1, 28, width=8, first_padding=reference_padding(1, 28))
@@ -96,13 +98,14 @@ def test_siamese_augment_rejects_unknown_family():
 
 def _fixed_net_loss(source, images, method):
     """The matching loss of ``images`` on one fixed network and real batch (no augmentation)."""
-    from datafree.condense import _class_index, gradient_matching_loss
-    from datafree.models import create_model
+    from datafree.condense.matching import gradient_matching_loss
+    from datafree.condense.settings import class_index
+    from datafree.models.zoo import create_model
 
     torch.manual_seed(123)
     net = create_model("convnet", 10, 1, 28, width=16, depth=3, norm="instance")
     rng = torch.Generator().manual_seed(7)
-    by_class = _class_index(source.labels, 10)
+    by_class = class_index(source.labels, 10)
     if method in ("dm", "dm_pool"):
         with torch.no_grad():
             real = torch.stack([net.forward_features(source.images[idx]).mean(0) for idx in by_class])
@@ -194,8 +197,8 @@ def test_unknown_initialisation(tiny_mnist):
 def test_layer_wise_distribution_matching_sees_early_layers(tiny_mnist):
     """dm_layers="all" sums every block's mean-feature distance: it is above the last block's alone,
     zero only for equal distributions, and a dm run with it moves the images; unknown names are refused."""
-    from datafree.condense import mean_embedding_distance
-    from datafree.models import create_model
+    from datafree.condense.matching import mean_embedding_distance
+    from datafree.models.zoo import create_model
 
     torch.manual_seed(0)
     net = create_model("convnet", 10, 1, 28, width=8)
@@ -278,18 +281,18 @@ def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
 
     from torch import nn
 
-    import datafree.evaluate as evaluate
-    from datafree.augment import DIGIT_FAMILIES
+    import datafree.outputs.evaluate as evaluate
     from datafree.cli import build_parser
-    from datafree.models import ConvNet
-    from datafree.training import SupervisedModule
+    from datafree.data.augment import DIGIT_FAMILIES
+    from datafree.models.training import SupervisedModule
+    from datafree.models.zoo import ConvNet
 
     documented = {"arch": "convnet", "arch_kwargs": {"width": 128, "depth": 3, "norm": "instance"}, "optimizer": "SGD",
                   "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "x0.1 at half", "batch_size": 256,
                   "augmentation": "DSA (one family per batch, parameters per image)", "epochs": 300}
     assert evaluate.PROTOCOL == documented
-    readme = " ".join((Path(evaluate.__file__).parent.parent / "README.md").read_text().split())
-    for text in (readme, " ".join(evaluate.__doc__.split())):
+    guide = " ".join((Path(evaluate.__file__).parents[2] / "docs" / "guide" / "condense.md").read_text().split())
+    for text in (guide, " ".join(evaluate.__doc__.split())):
         for phrase in ("width 128, depth 3, instance norm", "SGD lr 0.01, momentum 0.9, weight decay 5e-4", "x0.1 at half",
                        "batch 256", "DSA augmentation while training", "300 epochs"):
             assert phrase in text, phrase
@@ -334,7 +337,7 @@ def test_evaluation_protocol_is_the_documented_one(tiny_mnist, monkeypatch):
     args = parser.parse_args(["evaluate-set", "somewhere"])
     assert (args.arch, args.protocol, args.epochs, args.models) == ("convnet", "fixed", None, None)  # None: the protocol's
     assert (evaluate.PROTOCOLS["fixed"]["epochs"], evaluate.PROTOCOLS["fixed"]["models"]) == (300, 3)
-    from datafree.condense_job import CondenseJob
+    from datafree.condense.config import CondenseJob
 
     assert parser.parse_args(["condense", "--out", "x"]).epochs is None and CondenseJob().epochs == 300  # None: the job's default
 
@@ -374,8 +377,9 @@ def test_resumed_condensation_equals_an_uninterrupted_one(tiny_mnist, tmp_path):
 
 @pytest.mark.parametrize("method", ["gm_pool", "dm_pool"])
 def test_the_network_pool_is_rebuilt_from_the_step_so_a_resume_equals_a_whole_run(tiny_mnist, tmp_path, method):
-    from datafree.augment import SiameseAugment
-    from datafree.condense import CondenseSettings, NetworkPool
+    from datafree.condense.pool import NetworkPool
+    from datafree.condense.settings import CondenseSettings
+    from datafree.data.augment import SiameseAugment
 
     pool = NetworkPool(tiny_mnist, CondenseSettings(pool_size=3, refresh_every=2), SiameseAugment(), classes=[0])
     held = [[pool.number_in_slot(slot, step) for slot in range(3)] for step in (0, 1, 2, 4, 6, 8, 13)]
@@ -392,15 +396,17 @@ def test_the_pools_cached_gradient_is_the_real_batchs_gradient(tiny_mnist):
     """A cache entry is what a matching step would compute on the real side: nothing stale or shared."""
     import torch.nn.functional as F
 
-    from datafree.augment import SiameseAugment
-    from datafree.condense import CondenseSettings, NetworkPool, _class_index, class_generator
+    from datafree.condense.pool import NetworkPool
+    from datafree.condense.run import class_generator
+    from datafree.condense.settings import CondenseSettings, class_index
+    from datafree.data.augment import SiameseAugment
 
     s = CondenseSettings(net_width=8, real_per_class=8, aug_draws=2, pool_train_steps=4)
     pool = NetworkPool(tiny_mnist, s, SiameseAugment(), classes=[2, 5])
     net, cache = pool.at(step=0)
     assert sorted(cache) == [2, 5] and all(len(entries) == 2 for entries in cache.values())
     g = class_generator(s.seed, -2, 1, 5)  # network 0, draw 1, class 5
-    idx = _class_index(tiny_mnist.labels, 10)[5]
+    idx = class_index(tiny_mnist.labels, 10)[5]
     idx = idx[torch.randint(len(idx), (8,), generator=g)]
     real = pool.augment.apply(tiny_mnist.images[idx], pool.augment.sample(g))
     expected = torch.autograd.grad(F.cross_entropy(net(real), torch.full((8,), 5)), list(net.parameters()))
@@ -410,7 +416,7 @@ def test_the_pools_cached_gradient_is_the_real_batchs_gradient(tiny_mnist):
     means = NetworkPool(tiny_mnist, s, SiameseAugment(), classes=[5], kind="means")
     net, cache = means.at(step=0)
     g = class_generator(s.seed, -2, 1, 5)
-    torch.randint(len(_class_index(tiny_mnist.labels, 10)[5]), (8,), generator=g)  # the same draws as above
+    torch.randint(len(class_index(tiny_mnist.labels, 10)[5]), (8,), generator=g)  # the same draws as above
     with torch.no_grad():
         expected_mean = net.forward_features(means.augment.apply(tiny_mnist.images[idx], means.augment.sample(g))).mean(0)
     assert torch.allclose(cache[5][1][1], expected_mean)  # dm_pool: the real batch's mean embedding
@@ -418,7 +424,7 @@ def test_the_pools_cached_gradient_is_the_real_batchs_gradient(tiny_mnist):
 
 
 def test_the_published_schedule_is_named_and_explicit_fields_win():
-    from datafree.condense_job import job_from_dict
+    from datafree.condense.config import job_from_dict
 
     published = job_from_dict({"ipc": 10, "method": "dsa", "schedule": "published"}).settings()
     assert (published["net_width"], published["real_per_class"], published["outer_loop"], published["inner_loop"]) == (128, 256, 10, 50)
@@ -456,9 +462,9 @@ def _transfer_run(images, folder):
     """A folder in the distill run's format (what ``datafree distill`` writes) holding ``images``
     labelled by the shipped teacher; returns ``(folder, teacher, teacher_path)``."""
     from conftest import TEACHERS
-    from datafree.io import save_tensors, sha256_file, write_json
-    from datafree.teacher import load_teacher
-    from datafree.training import predict
+    from datafree.base.io import save_tensors, sha256_file, write_json
+    from datafree.models.inference import predict
+    from datafree.teachers.formats import load_teacher
 
     teacher_path = TEACHERS / "mnist_lenet5.safetensors"
     teacher = load_teacher(teacher_path)
@@ -473,9 +479,9 @@ def _transfer_run(images, folder):
 
 def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist, tmp_path, capsys):
     """The transfer set's images here are class-balanced stand-ins so that every class has one."""
-    from datafree.data import no_real_data
-    from datafree.io import sha256_file
-    from datafree.training import predict
+    from datafree.base.io import sha256_file
+    from datafree.data.datasets import no_real_data
+    from datafree.models.inference import predict
 
     run, teacher, teacher_path = _transfer_run(tiny_mnist.images, tmp_path / "run")
     with no_real_data("the test"):  # any attempt to load a real data set inside would raise
@@ -494,9 +500,9 @@ def test_data_free_condensation_from_a_transfer_set_with_soft_labels(tiny_mnist,
 
 def test_teacher_terms_are_the_teachers_cross_entropy_and_bn_prior(tiny_mnist):
     from conftest import TEACHERS
-    from datafree.condense import teacher_terms
-    from datafree.priors import BNStatistics
-    from datafree.teacher import load_teacher
+    from datafree.condense.matching import teacher_terms
+    from datafree.teachers.formats import load_teacher
+    from datafree.teachers.taps import BNStatistics
 
     teacher = load_teacher(TEACHERS / "mnist_lenet5.safetensors")
     images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # 10 per class, classes in order
@@ -520,7 +526,7 @@ def test_teacher_terms_are_the_teachers_cross_entropy_and_bn_prior(tiny_mnist):
 @pytest.mark.parametrize("method", ["dc", "dsa", "gm_pool", "dm_pool"])
 def test_every_matching_method_takes_the_teacher_terms(tiny_mnist, method):
     from conftest import TEACHERS
-    from datafree.teacher import load_teacher
+    from datafree.teachers.formats import load_teacher
 
     teacher = load_teacher(TEACHERS / "mnist_lenet5.safetensors")
     small = {"iterations": 1, "net_width": 8, "real_per_class": 4, "outer_loop": 2, "inner_loop": 1, "pool_size": 1,
@@ -531,8 +537,8 @@ def test_every_matching_method_takes_the_teacher_terms(tiny_mnist, method):
 
 
 def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tmp_path):
-    from datafree.condense_job import TEACHER_TERMS, job_from_dict
-    from datafree.data import no_real_data
+    from datafree.condense.config import TEACHER_TERMS, job_from_dict
+    from datafree.data.datasets import no_real_data
 
     run, _, _ = _transfer_run(tiny_mnist.images, tmp_path / "run")
     common = ["condense", "--source", str(run), "--ipc", "1", "--method", "dm", "--steps", "3", "--net-width", "8",
@@ -553,7 +559,8 @@ def test_data_free_condensation_uses_the_teacher_terms_by_default(tiny_mnist, tm
 
 
 def test_the_default_initialisation_is_kmeans_and_a_given_or_resumed_one_wins(tiny_mnist, tmp_path, capsys):
-    from datafree.condense_job import job_from_dict, run_condense
+    from datafree.condense.config import job_from_dict
+    from datafree.condense.job import run_condense
 
     assert job_from_dict({}).init_for() == "kmeans"  # chosen on validation splits, real and data-free (BENCHMARKS.md)
     assert job_from_dict({}).init_for(resumed="real") == "real"  # a resumed run keeps the start it was made with
@@ -696,8 +703,8 @@ def test_sigterm_saves_the_last_iteration_and_exits_130(tiny_mnist, tmp_path):
 
 def test_a_real_data_set_gets_soft_labels_from_a_model_trained_on_it(tiny_mnist, tmp_path, capsys):
     from conftest import TEACHERS
-    from datafree.teacher import load_teacher
-    from datafree.training import predict
+    from datafree.models.inference import predict
+    from datafree.teachers.formats import load_teacher
 
     source, model = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz"), TEACHERS / "mnist_lenet5.safetensors"
     common = ["condense", "--source", str(source), "--ipc", "1", "--method", "random", "--no-progress"]
@@ -729,7 +736,7 @@ def _tiny_npz(tiny_mnist, path):
 
 
 def test_the_method_choices_are_the_registry():
-    from datafree.config import CONDENSE_METHODS
+    from datafree.condense.config import CONDENSE_METHODS
 
     assert set(CONDENSE_METHODS) == set(CONDENSERS)
 
@@ -761,7 +768,7 @@ def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path, capsy
 
 def test_class_draws_do_not_depend_on_how_classes_are_split(tiny_mnist):
     """Matching class 3 alone or among all classes draws the same real batch and augmentation."""
-    from datafree.condense import Shards
+    from datafree.condense.run import Shards
 
     class Half(Shards):  # the second of two processes, without starting one
         def __init__(self):
@@ -784,7 +791,7 @@ def test_class_draws_do_not_depend_on_how_classes_are_split(tiny_mnist):
 
 
 def test_a_budgeted_bar_counts_the_budget():
-    from datafree.condense_job import BudgetBar
+    from datafree.condense.job import BudgetBar
 
     bar = BudgetBar(steps=10_000, budget=60.0, show=False)
     bar(3, 10_000, {"seconds": 15.0})
@@ -797,10 +804,11 @@ def test_a_budgeted_bar_counts_the_budget():
 
 def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeypatch):
     """``--time-budget 15m`` without ``--steps`` runs for 15 minutes, not for the default iterations."""
-    import datafree.condense_job as condense_job
-    from datafree.condense_job import CondenseJob, run_condense
+    import datafree.condense.config as condense_config
+    from datafree.condense.config import CondenseJob
+    from datafree.condense.job import run_condense
 
-    monkeypatch.setattr(condense_job, "DEFAULT_ITERATIONS", 3)
+    monkeypatch.setattr(condense_config, "DEFAULT_ITERATIONS", 3)
     source = str(_tiny_npz(tiny_mnist, tmp_path / "tiny.npz"))
     tiny = {"source": source, "ipc": 1, "method": "dm", "net_width": 8, "real_per_class": 8, "progress": False}
     budgeted = run_condense(CondenseJob(**tiny, time_budget=2, out=str(tmp_path / "budgeted")))
@@ -817,7 +825,7 @@ def test_a_time_budget_alone_sets_no_iteration_cap(tiny_mnist, tmp_path, monkeyp
 def test_gm_pool_matches_256_real_images_per_class_unless_told(tiny_mnist, monkeypatch):
     """gm_pool's own default (256 real images per class) reaches the run and the job's settings (which
     the manifest records); an explicit value wins, and the other methods keep the shared default (128)."""
-    from datafree.condense_job import CondenseJob
+    from datafree.condense.config import CondenseJob
 
     seen = {}
     for method in ("gm_pool", "dm"):
@@ -844,7 +852,7 @@ def test_a_run_resumed_without_real_per_class_keeps_the_one_it_began_with(tiny_m
 
 
 def test_a_bar_with_no_iteration_cap_follows_the_budget():
-    from datafree.condense_job import BudgetBar
+    from datafree.condense.job import BudgetBar
 
     bar = BudgetBar(steps=None, budget=60.0, show=False)
     bar(5_000, None, {"seconds": 30.0})
@@ -853,21 +861,22 @@ def test_a_bar_with_no_iteration_cap_follows_the_budget():
 
 
 def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist, tmp_path, monkeypatch):
-    from datafree.condense_job import CondenseJob, run_condense
+    from datafree.condense.config import CondenseJob
+    from datafree.condense.job import run_condense
 
     progress = tmp_path / "progress.json"
     seen = []
     monkeypatch.setenv("DATAFREE_PROGRESS_FILE", str(progress))
     source = _tiny_npz(tiny_mnist, tmp_path / "tiny.npz")
-    import datafree.progress
+    import datafree.base.progress
 
-    real_update = datafree.progress.ProgressFile.update
+    real_update = datafree.base.progress.ProgressFile.update
 
     def spy(self, fraction, *args, **kwargs):
         seen.append((time.monotonic(), fraction))
         return real_update(self, fraction, *args, **kwargs)
 
-    monkeypatch.setattr(datafree.progress.ProgressFile, "update", spy)
+    monkeypatch.setattr(datafree.base.progress.ProgressFile, "update", spy)
     started = time.monotonic()
     run_condense(CondenseJob(source=str(source), ipc=1, time_budget=4, net_width=8, real_per_class=8,
                              out=str(tmp_path / "c"), progress=False))
@@ -881,7 +890,7 @@ def test_a_budgeted_run_reaches_100_percent_at_the_end_of_its_budget(tiny_mnist,
 
 @pytest.mark.real_data
 def test_audit_traces_real_initialised_images_to_their_sources(tmp_path, capsys):
-    from datafree.export import init_sources
+    from datafree.outputs.export import init_sources
 
     out = tmp_path / "c"
     assert main(["condense", "--source", "mnist", "--ipc", "1", "--method", "dm", "--steps", "1", "--net-width", "8",
@@ -925,7 +934,7 @@ def test_audit_and_evaluate_a_plain_image_folder_made_by_another_tool(tmp_path, 
                  "--out", str(tmp_path / "e")]) == 0
     assert "+-" in capsys.readouterr().out
     ours, _, _ = load_image_set(made)
-    from datafree.export import read_set
+    from datafree.outputs.export import read_set
 
     theirs, _, _ = read_set(other, spec=ours.spec)
     assert torch.allclose(theirs.images, ours.images, atol=1 / 255 / ours.spec.std[0])  # 8-bit PNGs of the same images
@@ -948,7 +957,7 @@ def test_a_wrong_condense_field_reads_the_same_over_http_and_on_the_command_line
 
 def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
     """--protocol published: 20 models, epochs 0..1000 (1001), lr x0.1 after epoch 501 (from epoch 502 on), as evaluate_synset."""
-    import datafree.evaluate as evaluate
+    import datafree.outputs.evaluate as evaluate
 
     calls = []
     monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: calls.append(kwargs) or model)
@@ -967,7 +976,7 @@ def test_the_published_protocol_is_the_reference_codes(tiny_mnist, monkeypatch):
 
 def test_evaluation_scores_more_sets_with_the_same_models(tiny_mnist, monkeypatch):
     """also={...}: the models trained once are scored on every named set too (no second training)."""
-    import datafree.evaluate as evaluate
+    import datafree.outputs.evaluate as evaluate
 
     trained = []
     monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: trained.append(model) or model)
@@ -981,7 +990,7 @@ def test_evaluation_scores_more_sets_with_the_same_models(tiny_mnist, monkeypatc
 
 
 def test_an_evaluation_after_the_budget_does_not_move_the_progress_back(tmp_path):
-    from datafree.progress import ProgressFile
+    from datafree.base.progress import ProgressFile
 
     path = tmp_path / "progress.json"
     ProgressFile(str(path), every=0).update(1.0, 50, 50)  # the condensation has used its budget
@@ -992,7 +1001,7 @@ def test_an_evaluation_after_the_budget_does_not_move_the_progress_back(tmp_path
 
 def test_soft_label_track_trains_on_the_sets_soft_labels(tiny_mnist, monkeypatch, tmp_path, capsys):
     """evaluate_set(soft_labels=...) hands the trainer the soft targets; the result says which labels it used."""
-    import datafree.evaluate as evaluate
+    import datafree.outputs.evaluate as evaluate
 
     seen = []
     monkeypatch.setattr(evaluate, "fit_supervised", lambda model, data, **kwargs: seen.append(data) or model)
@@ -1012,7 +1021,7 @@ def test_soft_label_track_trains_on_the_sets_soft_labels(tiny_mnist, monkeypatch
 @pytest.mark.filterwarnings("ignore:.*self.log.*")  # logging outside a Trainer
 def test_cross_entropy_to_soft_targets_trains_toward_them():
     """The trainer's loss with float targets is cross-entropy to those probabilities (what the soft-label track relies on)."""
-    from datafree.training import SupervisedModule
+    from datafree.models.training import SupervisedModule
 
     model = torch.nn.Linear(4, 3)
     module = SupervisedModule(model)
@@ -1022,7 +1031,7 @@ def test_cross_entropy_to_soft_targets_trains_toward_them():
 
 
 def test_multi_formation_decodes_each_stored_image_into_factor_squared_images(tiny_mnist, tmp_path, capsys):
-    from datafree.condense import decode, encode
+    from datafree.condense.run import decode, encode
 
     smooth = torch.nn.functional.interpolate(torch.rand(8, 1, 7, 7), size=(28, 28), mode="bilinear")
     back = decode(encode(smooth, 2), 2)
@@ -1044,7 +1053,7 @@ def test_multi_formation_decodes_each_stored_image_into_factor_squared_images(ti
     back, _, manifest = load_image_set(out)
     assert len(back) == 40 and len(list((out / "train").rglob("*.png"))) == 40  # ImageFolder readers get the decoded images
     assert manifest["factor"] == 2 and manifest["storage"]["stored_images_per_class"] == 1
-    from datafree.io import load_tensors
+    from datafree.base.io import load_tensors
 
     assert load_tensors(out / "dataset.safetensors")["stored"].shape == (10, 1, 28, 28)
     assert main(["condense", "--source", str(source), "--factor", "3", "--out", str(tmp_path / "f3")]) == 2

@@ -3,14 +3,15 @@ import dataclasses
 
 import pytest
 
-from datafree.condense_job import CondenseJob, job_from_dict
-from datafree.config import (CONDENSE_METHODS, GENERATOR_NAMES, PRESET_NAMES, PRESETS, DistillConfig, build_config,
-                             resolve_distill_config)
-from datafree.errors import UserError
+from datafree.base.config import build_config
+from datafree.base.errors import UserError
+from datafree.condense.config import CONDENSE_METHODS, CondenseJob, job_from_dict
+from datafree.distill.config import GENERATOR_NAMES, PRESET_NAMES, DistillConfig
+from datafree.distill.presets import PRESETS, resolve_distill_config
 
 
 def test_choices_are_the_registries():
-    from datafree.condense import CONDENSERS
+    from datafree.condense.settings import CONDENSERS
     from generators import GENERATORS
 
     assert set(PRESET_NAMES) == set(PRESETS)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datafree.data import InputSpec, dataset_spec, load_dataset, no_real_data
-from datafree.errors import UserError
+from datafree.base.errors import UserError
+from datafree.data.datasets import InputSpec, dataset_spec, load_dataset, no_real_data
 
 
 @pytest.mark.real_data

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TEACHERS
-from datafree.config import PRESETS, resolve_distill_config
-from datafree.data import dataset_spec
-from datafree.distill import RunControl, run_distill
-from datafree.errors import UserError
-from datafree.export import export_program
-from datafree.models import create_model
-from datafree.synthesis import SamplePool, Synthesizer
-from datafree.teacher import load_model, load_teacher, save_model
+from datafree.base.errors import UserError
+from datafree.data.datasets import dataset_spec
+from datafree.distill.job import RunControl, run_distill
+from datafree.distill.presets import PRESETS, resolve_distill_config
+from datafree.distill.synthesis import SamplePool, Synthesizer
+from datafree.models.zoo import create_model
+from datafree.outputs.export import export_program
+from datafree.teachers.formats import load_model, load_teacher, save_model
 from generators import GENERATORS, create_generator
 
 BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
@@ -38,7 +38,7 @@ def tiny_config(tmp_path, preset="fast", **overrides):
 
 def test_a_time_budget_alone_sets_no_round_cap(tmp_path, monkeypatch):
     """``--time-budget 10m`` without ``--steps`` runs for 10 minutes, not for the default rounds."""
-    monkeypatch.setattr("datafree.config.DEFAULT_ROUNDS", 3)
+    monkeypatch.setattr("datafree.distill.config.DEFAULT_ROUNDS", 3)
     budgeted = tiny_config(tmp_path / "budgeted", steps=None, time_budget="3s")  # None: not given
     assert budgeted.round_cap() is None
     assert run_distill(budgeted, progress=False)["steps"] > 3
@@ -92,7 +92,8 @@ def test_each_preset_lowers_its_synthesis_loss(preset, tmp_path):
 @pytest.mark.parametrize("preset", ["dfq", "fast"])  # stored pool logits; augmented + mixed-up samples re-labelled
 def test_student_steps_lower_the_kd_loss_on_a_fixed_pool(preset, tmp_path):
     """DistillModule._student_step (outside a Trainer) with the module's own student optimiser lowers the KD loss on the pool."""
-    from datafree.student import DistillModule, kd_loss
+    from datafree.distill.losses import kd_loss
+    from datafree.distill.module import DistillModule
 
     cfg = tiny_config(tmp_path, preset)
     teacher = load_teacher(BN_TEACHER)
@@ -200,7 +201,8 @@ def test_same_seed_same_student(tmp_path):
 ])
 def test_select_best_keeps_the_snapshot_with_the_highest_holdout_agreement(tmp_path, snapshots, final, expected):
     """DistillModule.select_best loads the snapshot that agrees most with the held-out teacher labels (ties: the later step)."""
-    from datafree.student import DistillModule, agreement
+    from datafree.distill.module import DistillModule
+    from datafree.models.inference import agreement
 
     cfg = tiny_config(tmp_path, "dfq")
     teacher = load_teacher(BN_TEACHER)
@@ -251,7 +253,7 @@ def test_meta_rate_without_several_generator_updates_is_refused(overrides):
 def test_meta_rate_keeps_that_share_of_a_rounds_generator_updates(tmp_path, meta_rate):
     """Fast-DFKD's meta generator: after a round of synth_steps updates the generator sits
     meta_rate of the way from where the round started to where the updates took it (1: all of it)."""
-    from datafree.student import DistillModule
+    from datafree.distill.module import DistillModule
 
     def round_from(state, rate):
         torch.manual_seed(0)
@@ -279,7 +281,7 @@ def test_meta_rate_keeps_that_share_of_a_rounds_generator_updates(tmp_path, meta
 def test_student_ema_is_the_moving_average_of_the_steps_and_is_what_is_kept(tmp_path):
     """With student_ema d, the kept student is d * average + (1 - d) * weights after each step (the
     first step copied), not the raw weights; snapshots and selection use it."""
-    from datafree.student import DistillModule
+    from datafree.distill.module import DistillModule
 
     cfg = tiny_config(tmp_path, "dfq", student_ema=0.5)
     teacher = load_teacher(BN_TEACHER)
@@ -332,7 +334,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(tmp_path, monkeypat
 
 
 def test_the_last_share_trains_the_student_only_on_the_archive_of_synthesised_batches(tmp_path, monkeypatch):
-    from datafree.student import DistillModule
+    from datafree.distill.module import DistillModule
 
     at_switch = {}
     original = DistillModule._start_final_share
@@ -365,7 +367,7 @@ def test_the_last_share_trains_the_student_only_on_the_archive_of_synthesised_ba
                                                           (False, False, "never")])
 def test_final_augment_augments_only_the_student_only_last_share(tmp_path, monkeypatch, augment, final_augment, expected):
     """With final_augment the rounds before the last share keep their un-augmented (cheap) student steps."""
-    from datafree import student as student_mod
+    import datafree.distill.module as student_mod
 
     augmented_rounds = []
     real_augment = student_mod.student_augment
@@ -419,8 +421,8 @@ def test_distill_never_reads_real_data(tmp_path, monkeypatch):
     """Inside the training loop every real-data load raises; the run itself needs none."""
     import torchvision
 
-    from datafree import data
-    from datafree.student import DistillModule
+    import datafree.data.datasets as data
+    from datafree.distill.module import DistillModule
 
     calls = []
     monkeypatch.setattr(torchvision.datasets.MNIST, "__init__", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("read")))
@@ -466,7 +468,7 @@ def test_student_with_other_class_count_is_refused(tmp_path):
 def test_unknown_input_spec_teacher_is_refused(tmp_path):
     import warnings
 
-    from datafree.export import PixelModel
+    from datafree.outputs.export import PixelModel
     model = PixelModel(create_model("lenet5").eval(), dataset_spec("mnist")).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -574,7 +576,7 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path, length):
 def _mnist_with_a_smaller_test_split(root, count: int):
     """A data root whose MNIST test split is the real one's first ``count`` images (the training files are links to the
     real ones): the same files, loader and normalisation as ``mnist``, at a fraction of the evaluation's cost."""
-    from datafree.data import data_root
+    from datafree.data.datasets import data_root
 
     real, raw = data_root() / "MNIST" / "raw", root / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -599,7 +601,7 @@ def test_pt2_teacher_of_another_zoo_arch(tmp_path):
                           progress=False)
     assert summary["steps"] == 6
     # the reported accuracy is the saved student's, re-measured here on the (first 2,000 of the) real MNIST test set
-    from datafree.data import InputSpec, load_dataset
+    from datafree.data.datasets import InputSpec, load_dataset
 
     test = load_dataset("mnist", train=False, data_dir=data)
     assert len(test) == 2000 and torch.equal(test.images, load_dataset("mnist", train=False).images[:2000])

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import ROOT, TEACHERS
-from datafree.config import resolve_distill_config
-from datafree.distill import run_distill
-from datafree.ensemble import TeacherEnsemble, load_teachers
-from datafree.errors import UserError
-from datafree.teacher import load_teacher
+from datafree.base.errors import UserError
+from datafree.distill.job import run_distill
+from datafree.distill.presets import resolve_distill_config
+from datafree.teachers.ensemble import TeacherEnsemble, load_teachers
+from datafree.teachers.formats import load_teacher
 
 LENET = str(TEACHERS / "mnist_lenet5.safetensors")
 LENET_NOBN = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
@@ -43,7 +43,7 @@ def test_every_member_with_bn_statistics_feeds_the_bn_prior():
     assert len(both.bn_taps()) == 2 * len(single.bn_taps()) > 0
     assert len(with_one.bn_taps()) == len(single.bn_taps()) and "teachers 1 have no readable BN" in with_one.bn_note
     assert not load_teachers([LENET_NOBN, LENET_NOBN]).has_bn
-    from datafree.priors import BNStatistics
+    from datafree.teachers.taps import BNStatistics
 
     prior = BNStatistics(first_layer_weight=3.0, momentum=0.5)
     twice, once = prior(both.bn_taps())[0], BNStatistics(3.0, 0.5)(single.bn_taps())[0]
@@ -52,9 +52,9 @@ def test_every_member_with_bn_statistics_feeds_the_bn_prior():
 
 
 def test_teachers_that_disagree_are_refused_in_one_sentence(tmp_path):
-    from datafree.data import InputSpec, dataset_spec
-    from datafree.models import create_model
-    from datafree.teacher import save_model
+    from datafree.data.datasets import InputSpec, dataset_spec
+    from datafree.models.zoo import create_model
+    from datafree.teachers.formats import save_model
 
     fashion = str(TEACHERS / "fmnist_convnet.safetensors")
     with pytest.raises(UserError, match="name their classes differently"):
@@ -71,8 +71,8 @@ def test_teachers_that_disagree_are_refused_in_one_sentence(tmp_path):
 
 
 def test_a_run_from_an_ensemble_records_every_teacher(tmp_path):
-    from datafree.condense_job import teacher_of_run
-    from datafree.io import sha256_file
+    from datafree.base.io import sha256_file
+    from datafree.condense.job import teacher_of_run
 
     cfg = resolve_distill_config("dfq", overrides={"teacher": [LENET, OWNER_PT2], "out": str(tmp_path / "run"),
                                                    "ensemble_rule": "probs", **TINY})  # not the default: a derived job must read it
@@ -103,7 +103,7 @@ def test_the_command_line_takes_several_teachers(tmp_path, capsys):
 
 
 def test_relational_terms_compare_structure_not_scale():
-    from datafree.knowledge import rkd_loss
+    from datafree.distill.knowledge import rkd_loss
 
     t = torch.randn(16, 8)
     assert rkd_loss(t * 3.0, t).item() < 1e-6  # distances normalised by their mean, angles scale-free
@@ -111,7 +111,7 @@ def test_relational_terms_compare_structure_not_scale():
 
 
 def test_attention_maps_compare_where_the_energy_is_not_its_scale_or_channels():
-    from datafree.knowledge import attention_loss
+    from datafree.distill.knowledge import attention_loss
 
     where = torch.zeros(4, 1, 6, 6)
     where[:, :, :4] = 1.0  # the energy is in the top four rows
@@ -134,15 +134,14 @@ def test_the_teachers_last_spatial_map_is_reachable_in_both_forms(path):
 
 
 def test_knowledge_terms_train_with_the_student_and_are_recorded(tmp_path):
-    from datafree.student import DistillModule
+    from datafree.distill.module import DistillModule
 
     cfg = resolve_distill_config("dfq", overrides={"teacher": LENET, "out": str(tmp_path / "run"), **TINY,
                                                    "knowledge": {"hint": 1.0, "attention": 2.0, "rkd": 1.0}})
     summary = run_distill(cfg, progress=False)
     assert summary["knowledge"] == ["logits (KD)", "attention x2", "hint x1", "rkd x1"]
     teacher = load_teacher(LENET)
-    from datafree.models import create_model
-
+    from datafree.models.zoo import create_model
     from generators import create_generator
 
     generator = create_generator("dcgan", 1, 28, 10, latent_dim=8, width=8)
@@ -157,8 +156,8 @@ def test_knowledge_terms_train_with_the_student_and_are_recorded(tmp_path):
 
 
 def test_a_teacher_without_reachable_features_turns_the_terms_off_with_a_note(tmp_path):
-    from datafree.models import create_model
-    from datafree.student import DistillModule
+    from datafree.distill.module import DistillModule
+    from datafree.models.zoo import create_model
 
     scripted = load_teacher(str(ROOT / "assets" / "suite" / "fmnist_resnet8.ts"), input_spec="1x28x28")
     cfg = resolve_distill_config("dfq", overrides={"teacher": LENET, **TINY, "knowledge": {"rkd": 1.0}})

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from datafree.errors import UserError
-from datafree.models import MODELS, Classifier, count_parameters, create_model
+from datafree.base.errors import UserError
+from datafree.models.zoo import MODELS, Classifier, count_parameters, create_model
 
 SHAPES = {"lenet5": (1, 28), "lenet5_half": (1, 28), "lenet5_nobn": (1, 28), "lenet5_half_nobn": (1, 28),
           "convnet": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32), "resnet18": (3, 32), "resnet34": (1, 28)}

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datafree.priors import PRIORS, BNStatistics, SynthesisBatch, bn_layer_losses, disagreement, total_variation
-from datafree.student import kd_loss
-from datafree.teacher import BNTap, load_teacher
+from datafree.distill.losses import kd_loss
+from datafree.distill.priors import PRIORS, SynthesisBatch, disagreement, total_variation
+from datafree.teachers.formats import load_teacher
+from datafree.teachers.taps import BNStatistics, BNTap, bn_layer_losses
 
 
 def _tap(mean, var, rm, rv, name="bn"):
@@ -136,7 +137,7 @@ def test_input_prior_is_l2_of_the_channel_means_plus_l2_of_the_variances_minus_o
 def test_input_prior_gradient_moves_saturated_images_toward_the_data_statistics():
     """Half-white images (the blobs a no-BN generator makes) against MNIST's mean and std: the step
     darkens them, as the data's 0.13 mean asks."""
-    from datafree.data import InputSpec
+    from datafree.data.datasets import InputSpec
 
     spec = InputSpec(1, 28, (0.1307,), (0.3081,))
     pixels = (torch.rand(64, 1, 28, 28) > 0.5).float().requires_grad_(True)
@@ -145,11 +146,11 @@ def test_input_prior_gradient_moves_saturated_images_toward_the_data_statistics(
 
 
 def test_the_input_prior_is_off_with_a_note_when_the_spec_has_no_statistics(tmp_path):
-    from datafree.config import resolve_distill_config
-    from datafree.data import dataset_spec
-    from datafree.export import export_program
-    from datafree.models import create_model
-    from datafree.synthesis import Synthesizer
+    from datafree.data.datasets import dataset_spec
+    from datafree.distill.presets import resolve_distill_config
+    from datafree.distill.synthesis import Synthesizer
+    from datafree.models.zoo import create_model
+    from datafree.outputs.export import export_program
     from generators import create_generator
 
     export_program(create_model("lenet5_nobn").eval(), dataset_spec("mnist"), tmp_path / "t.ts", {"arch": "lenet5_nobn"})

@@ -1,4 +1,4 @@
-"""The allocator settings (datafree.runtime): freed blocks of a step are reused by the next one."""
+"""The allocator settings (datafree.base.runtime): freed blocks of a step are reused by the next one."""
 import os
 import platform
 import subprocess
@@ -12,7 +12,7 @@ from conftest import ROOT
 # page faults of the last four rounds (a reused block faults no page; a fresh mapping faults 2,048).
 REUSE = """
 import ctypes, resource
-from datafree.runtime import tune_allocator
+from datafree.base.runtime import tune_allocator
 applied = tune_allocator()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]

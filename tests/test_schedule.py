@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from conftest import TEACHERS
-from datafree.config import PRESETS, resolve_distill_config
-from datafree.distill import run_distill
-from datafree.errors import UserError
-from datafree.schedule import ROUNDED_STEPS, choose_student_steps
-from datafree.student import mixup
-from datafree.synthesis import Synthesizer
-from datafree.teacher import load_teacher
+from datafree.base.errors import UserError
+from datafree.distill.job import run_distill
+from datafree.distill.module import mixup
+from datafree.distill.presets import PRESETS, resolve_distill_config
+from datafree.distill.schedule import ROUNDED_STEPS, choose_student_steps
+from datafree.distill.synthesis import Synthesizer
+from datafree.teachers.formats import load_teacher
 from generators import create_generator
 
 BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
@@ -114,7 +114,7 @@ def test_class_similarity_comes_from_the_final_layer():
 
 
 def test_class_similarity_of_an_exported_teacher_equals_the_zoo_one(tmp_path):
-    from datafree.export import export_program
+    from datafree.outputs.export import export_program
 
     teacher = load_teacher(NOBN_TEACHER)
     export_program(teacher.module, teacher.spec, tmp_path / "t.pt2")
@@ -124,7 +124,7 @@ def test_class_similarity_of_an_exported_teacher_equals_the_zoo_one(tmp_path):
 
 
 def test_dirichlet_targets_are_distributions_at_two_scales():
-    from datafree.priors import dirichlet_targets
+    from datafree.distill.priors import dirichlet_targets
 
     torch.manual_seed(0)
     sim = load_teacher(NOBN_TEACHER).class_similarity()
@@ -137,7 +137,7 @@ def test_dirichlet_targets_are_distributions_at_two_scales():
 
 def test_soft_prior_lowers_the_gap_to_its_targets():
     """The ZSKD prior is minimised when the teacher's tempered softmax equals the soft target."""
-    from datafree.priors import SynthesisBatch, soft_target
+    from datafree.distill.priors import SynthesisBatch, soft_target
 
     target = torch.softmax(torch.randn(4, 10), 1)
     matched = SynthesisBatch(torch.zeros(4, 1, 2, 2), torch.log(target) * 20, soft_targets=target)
@@ -151,7 +151,7 @@ def test_soft_prior_needs_the_pixels_generator():
 
 
 def test_a_teacher_without_bn_gets_the_no_bn_preset_and_a_note(tmp_path):
-    from datafree.config import NO_BN_PRESET
+    from datafree.distill.presets import NO_BN_PRESET
 
     bn = resolve_distill_config(overrides={"teacher": BN_TEACHER})
     assert bn.preset == "dfq" and bn.preset_note == ""
@@ -177,7 +177,7 @@ def test_zskd_run_resumes_with_the_same_soft_targets(tmp_path, monkeypatch):
     batch and resumed equals an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from datafree.distill import RunControl
+    from datafree.distill.job import RunControl
 
     base = {"teacher": NOBN_TEACHER, **TINY, "schedule": "fixed", "generator_kwargs": {}, "reset_every": 2, "steps": 6,
             "checkpoint_every": 3, "eval_every": 3}

@@ -207,7 +207,7 @@ def test_distill_job_end_to_end(server, finished_distill, tmp_path):
         r = server.client.get(f"/v1/jobs/{job_id}/artifacts/{name}")
         assert r.status_code == 200
         (tmp_path / name).write_bytes(r.content)
-    from datafree.teacher import load_model
+    from datafree.teachers.formats import load_model
 
     model, card = load_model(tmp_path / "student.safetensors")
     program = torch.export.load(str(tmp_path / "student.pt2")).module()
@@ -347,14 +347,15 @@ def quiet_server(tmp_path, monkeypatch):
 
     import uvicorn
 
-    from datafree.service import app as service_app
+    from datafree.service import events as service_events
+    from datafree.service.app import create_app
     from datafree.service.store import Store
 
-    monkeypatch.setattr(service_app, "KEEPALIVE_S", 0.5)
+    monkeypatch.setattr(service_events, "KEEPALIVE_S", 0.5)
     store = Store(tmp_path / "store")
     store.ensure_token(TOKEN)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(service_app.create_app(store, start_workers=False), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(store, start_workers=False), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -403,7 +404,7 @@ def test_event_stream_sends_keep_alive_on_a_quiet_job(quiet_server):
 
 
 def test_event_ids_increase_and_last_event_id_resumes(quiet_server):
-    from datafree.service.app import JobEvents
+    from datafree.service.events import JobEvents
 
     store, client = quiet_server
     job = store.create_job("distill", {})

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from datafree.data import dataset_spec
-from datafree.errors import UserError
-from datafree.export import PixelModel, export_program
-from datafree.models import create_model
-from datafree.teacher import load_teacher, save_model, sniff_format
+from datafree.base.errors import UserError
+from datafree.data.datasets import dataset_spec
+from datafree.models.zoo import create_model
+from datafree.outputs.export import PixelModel, export_program
+from datafree.teachers.formats import load_teacher, save_model, sniff_format
 
 
 def _pixels(n=5):
@@ -247,8 +247,8 @@ SHIPPED = sorted((ROOT / "assets" / "teachers").glob("*.safetensors"))
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_teacher_card_accuracy_is_remeasured_on_the_real_test_set(path):
     """Each shipped teacher's card test_accuracy equals (to 0.01) its accuracy re-measured on the real test set it names."""
-    from datafree.data import load_dataset
-    from datafree.teacher import load_model
+    from datafree.data.datasets import load_dataset
+    from datafree.teachers.formats import load_model
 
     model, card = load_model(path)
     test = load_dataset(card["dataset"], train=False)

@@ -5,7 +5,7 @@ Kinds and their config (JSON):
 
 - ``distill``: ``{"teacher": TEACHER_ID or [TEACHER_ID, ...], ...DistillConfig fields}`` (``preset`` picks defaults);
 - ``condense``: ``{"source": "mnist" | "job:DISTILL_JOB_ID", ...}`` and the other fields of
-  :class:`datafree.condense_job.CondenseJob` that a client may set (:func:`condense_fields`);
+  :class:`datafree.condense.config.CondenseJob` that a client may set (:func:`condense_fields`);
 - ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test", "protocol"}``;
 - ``audit``: ``{"job": DISTILL_OR_CONDENSE_JOB_ID, "real": "mnist" | null}``;
 - ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "test": "mnist" | null}``.
@@ -17,7 +17,7 @@ Example:
     {'source': 'mnist', 'ipc': 1}
     >>> validate_job(None, "condense", {"ipc": "ten"})
     Traceback (most recent call last):
-    datafree.errors.UserError: config field 'ipc' must be an integer, got 'ten'
+    datafree.base.errors.UserError: config field 'ipc' must be an integer, got 'ten'
     >>> argv = command_for(store, {"id": job_id, "kind": "condense", "config": config})   # doctest: +SKIP
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from datafree.errors import UserError
+from datafree.base.errors import UserError
 
 KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
@@ -38,8 +38,8 @@ EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
 
 
 def condense_fields() -> list[str]:
-    """The condense job's fields a client may set: :class:`~datafree.condense_job.CondenseJob`'s, less the server's."""
-    from datafree.condense_job import JOB_FIELDS
+    """The condense job's fields a client may set: :class:`~datafree.condense.config.CondenseJob`'s, less the server's."""
+    from datafree.condense.config import JOB_FIELDS
 
     return [name for name in JOB_FIELDS if name not in CONDENSE_SERVER_FIELDS]
 
@@ -54,8 +54,8 @@ def config_schemas() -> dict:
     """
     from pydantic import TypeAdapter
 
-    from datafree.condense_job import CondenseJob
-    from datafree.config import DistillConfig
+    from datafree.condense.config import CondenseJob
+    from datafree.distill.config import DistillConfig
 
     def typed(cls, hidden, overrides):
         schema = TypeAdapter(cls).json_schema()
@@ -97,7 +97,7 @@ def _check_fields(config: dict, fields: dict, required: tuple[str, ...] = ()) ->
 
 
 def _data_name(name: str | None, field: str) -> None:
-    from datafree.data import TORCHVISION_SETS, canonical_name
+    from datafree.data.datasets import TORCHVISION_SETS, canonical_name
 
     if name is not None and canonical_name(name) not in TORCHVISION_SETS:
         raise UserError(f"config field {field!r}: unknown data set {name!r}; known: {', '.join(sorted(TORCHVISION_SETS))}")
@@ -114,7 +114,8 @@ def _finished_job(store, job_id: str, kinds: tuple[str, ...], field: str = "job"
 
 def validate_job(store, kind: str, config: dict) -> dict:
     """Check a job request; return the config to store. Raises :class:`UserError` naming the field."""
-    from datafree.config import parse_duration, resolve_distill_config
+    from datafree.base.config import parse_duration
+    from datafree.distill.presets import resolve_distill_config
 
     if kind not in KINDS:
         raise UserError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
@@ -134,7 +135,7 @@ def validate_job(store, kind: str, config: dict) -> dict:
         resolve_distill_config(overrides={**config, "teacher": ["stored"] * len(ids) if len(ids) > 1 else "stored"})  # typed config
         return dict(config)
     if kind == "condense":
-        from datafree.condense_job import job_from_dict
+        from datafree.condense.config import job_from_dict
 
         if not isinstance(config, dict):
             raise UserError("config must be a JSON object")
@@ -156,10 +157,10 @@ def validate_job(store, kind: str, config: dict) -> dict:
         config = _check_fields(config, EVALUATE_FIELDS, ("job",))
         _finished_job(store, config["job"], ("condense",))
         _data_name(config.get("test"), "test")
-        from datafree.models import MODELS
+        from datafree.models.zoo import MODELS
 
         MODELS.get_or_fail(config.get("arch", "convnet"))
-        from datafree.evaluate import PROTOCOLS
+        from datafree.outputs.evaluate import PROTOCOLS
 
         if config.get("protocol", "fixed") not in PROTOCOLS:
             raise UserError(f"unknown evaluation protocol {config['protocol']!r}; use {' or '.join(PROTOCOLS)}")

@@ -23,12 +23,14 @@ import hmac
 import json
 import os
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from datafree.errors import UserError
+from datafree.base.errors import UserError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS teachers (id TEXT PRIMARY KEY, name TEXT, format TEXT, sha256 TEXT, size INTEGER,
@@ -37,8 +39,13 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, kind TEXT, state TEXT, con
     finished REAL, error TEXT, attempts INTEGER DEFAULT 0, resume INTEGER DEFAULT 0, note TEXT);
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, created REAL, source TEXT);
 """
+TEACHER_SUFFIXES = {"safetensors": ".safetensors", "pt2": ".pt2", "torchscript": ".ts"}
 ACTIVE = ("queued", "running", "cancelling")
 FINAL = ("succeeded", "failed", "cancelled", "interrupted")
+
+
+class UploadRefused(UserError):
+    """An uploaded teacher that is refused (pickle, unreadable, wrong form): the client's mistake (HTTP 400)."""
 
 
 def hash_token(token: str) -> str:
@@ -114,6 +121,54 @@ class Store:
             db.execute("INSERT INTO teachers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (teacher_id, name, fmt, sha256, size, file, json.dumps(info), time.time()))
         return self.teacher(teacher_id)
+
+    def import_teacher(self, upload, card=None, name: str | None = None, filename: str | None = None) -> dict:
+        """Store an uploaded teacher (a binary file object, with its JSON card for safetensors) once it
+        loads as a teacher; a refused upload raises :class:`UploadRefused` and leaves nothing behind.
+
+        Example:
+            >>> with open("assets/teachers/mnist_lenet5.safetensors", "rb") as f, \\
+            ...      open("assets/teachers/mnist_lenet5.json", "rb") as card:   # doctest: +SKIP
+            ...     store.import_teacher(f, card, name="lenet5")["format"]
+            'safetensors'
+        """
+        from datafree.teachers.formats import load_teacher, sniff_format
+
+        teacher_id = uuid.uuid4().hex[:12]
+        folder = self.teacher_dir(teacher_id)
+        staging = self.root / "teachers" / f".upload-{teacher_id}"
+        staging.mkdir()
+        try:
+            raw = staging / "upload"
+            with open(raw, "wb") as f:
+                shutil.copyfileobj(upload, f)
+            try:
+                fmt = sniff_format(raw)
+            except UserError as e:
+                raise UploadRefused(self.public_message(str(e)).replace(str(raw), "the upload")) from None
+            if fmt not in TEACHER_SUFFIXES:  # pickle: never loaded, it could run code
+                raise UploadRefused("pickle files are refused (loading one can run code); upload safetensors + card, .pt2 or TorchScript")
+            target = staging / f"teacher{TEACHER_SUFFIXES[fmt]}"
+            raw.rename(target)
+            if card is not None:
+                with open(target.with_suffix(".json"), "wb") as f:
+                    shutil.copyfileobj(card, f)
+            try:
+                teacher = load_teacher(target)
+            except UserError as e:
+                raise UploadRefused(self.public_message(str(e)).replace(str(target), "the upload")) from None
+            info = teacher.describe()
+            sha = hashlib.sha256(target.read_bytes()).hexdigest()
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.add_teacher(teacher_id, name or filename or teacher_id, fmt, sha, (folder / target.name).stat().st_size,
+                                target.name, {k: info.get(k) for k in ("arch", "parameters", "bn_layers", "dataset", "test_accuracy")}
+                                | {"input": teacher.spec.describe(), "classes": teacher.num_classes})
+
+    def public_message(self, message: str) -> str:
+        """``message`` without server paths, for a client to see."""
+        return message.replace(str(self.root), "<store>").replace(str(Path(tempfile.gettempdir())), "<tmp>")
 
     def teacher(self, teacher_id: str) -> dict | None:
         with self._db() as db:

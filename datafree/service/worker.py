@@ -170,7 +170,7 @@ def _write_bundle(store, job: dict) -> None:
     """A zip of a condensed set (images, manifest, safetensors), written whole before the job is marked done."""
     import zipfile
 
-    from datafree.io import atomic_path
+    from datafree.base.io import atomic_path
 
     run = store.job_dir(job["id"]) / "run"
     if job["kind"] != "condense" or not run.is_dir():

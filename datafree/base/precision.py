@@ -1,0 +1,145 @@
+"""Numeric precision and memory layout, chosen by measuring them on the work itself.
+
+``fp32`` runs as written. ``bf16`` (and ``fp16`` on CUDA) run forward and backward passes under
+``torch.autocast``: matrix products and convolutions in 16 bits, weights, optimiser state and the
+losses in fp32. ``channels_last`` hands 4-D images to the network in NHWC order, which many
+convolution kernels prefer. Neither helps everywhere: a CPU without native bf16 (AVX-512 BF16 or
+AMX) runs bf16 *slower* than fp32, and a LeNet gains nothing. So ``auto`` times every candidate on
+the caller's own step (:func:`choose`) and keeps the fastest, preferring plain fp32 unless another
+candidate is at least :data:`MARGIN` faster; the measured times go into the run's records.
+
+Example:
+    >>> Precision("bf16", channels_last=True).describe()
+    'bf16 + channels_last'
+    >>> [p.describe() for p in candidates("fp32", "cpu")]
+    ['fp32', 'fp32 + channels_last']
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from datafree.base.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what a user may ask for (fp16 on CUDA only)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MARGIN = 1.05  # a candidate replaces plain fp32 only when it is at least 5% faster
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a network's passes run: ``dtype`` (``fp32``, ``bf16``, ``fp16``) and the image layout.
+
+    Example:
+        >>> p = Precision("fp32", channels_last=True)
+        >>> p.images(torch.zeros(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
+        True
+    """
+
+    dtype: str = "fp32"
+    channels_last: bool = False
+
+    def autocast(self, device_type: str):
+        """The context the passes run in: ``torch.autocast`` for a 16-bit dtype, else nothing."""
+        if self.dtype == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=DTYPES[self.dtype])
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in this layout (4-D tensors only; values unchanged, gradients flow through)."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def describe(self) -> str:
+        return self.dtype + (" + channels_last" if self.channels_last else "")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+FP32 = Precision()
+
+
+def check_precision(requested: str, device_type: str) -> None:
+    """Refuse, in one sentence, a precision this device cannot run.
+
+    Example:
+        >>> check_precision("fp16", "cpu")
+        Traceback (most recent call last):
+        datafree.base.errors.UserError: precision 'fp16' needs a CUDA device; on a CPU use auto, fp32 or bf16
+    """
+    if requested not in PRECISIONS:
+        raise UserError(f"unknown precision {requested!r}; use {', '.join(PRECISIONS)}")
+    if requested == "fp16" and device_type != "cuda":
+        raise UserError("precision 'fp16' needs a CUDA device; on a CPU use auto, fp32 or bf16")
+
+
+def candidates(requested: str, device_type: str) -> list[Precision]:
+    """The settings :func:`choose` times for a request: its dtype with and without channels_last
+    (``auto``: fp32 and bf16, and fp16 too on CUDA)."""
+    check_precision(requested, device_type)
+    dtypes = [requested] if requested != "auto" else ["fp32", "bf16"] + (["fp16"] if device_type == "cuda" else [])
+    return [Precision(d, cl) for d in dtypes for cl in (False, True)]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a CUDA step returns before it is done), so a clock reads it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, device, repeats: int = 3) -> float:
+    """Median seconds of ``step()`` over ``repeats`` calls, after one warm-up call.
+
+    Example:
+        >>> time_step(lambda: torch.ones(8).sum(), "cpu", repeats=2) < 1.0
+        True
+    """
+    step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def choose(requested: str, device, step, repeats: int = 3) -> tuple[Precision, dict]:
+    """The precision to run ``step(precision)`` with, and what was measured (milliseconds per step).
+
+    With one candidate nothing is timed. Otherwise each is timed (:func:`time_step`) and the fastest
+    kept, plain fp32 unless another beats it by :data:`MARGIN`; a candidate that fails (an op
+    without a 16-bit kernel) is skipped and recorded as such.
+
+    Example:
+        >>> net = torch.nn.Conv2d(1, 4, 3)
+        >>> chosen, measured = choose("fp32", "cpu", lambda p: net(p.images(torch.zeros(2, 1, 8, 8))).sum().backward())
+        >>> sorted(measured["ms"]), chosen.dtype
+        (['fp32', 'fp32 + channels_last'], 'fp32')
+    """
+    device = torch.device(device)
+    options = candidates(requested, device.type)
+    measured: dict = {"requested": requested, "ms": {}, "failed": {}}
+    if len(options) == 1:
+        return options[0], measured
+    for option in options:
+        try:
+            measured["ms"][option.describe()] = round(1000 * time_step(lambda: step(option), device, repeats), 2)
+        except (RuntimeError, NotImplementedError) as e:  # no kernel for this dtype or layout
+            measured["failed"][option.describe()] = str(e).splitlines()[0][:200]
+    if not measured["ms"]:
+        return FP32, measured
+    times = {o: measured["ms"][o.describe()] for o in options if o.describe() in measured["ms"]}
+    best = min(times, key=times.get)
+    baseline = times.get(Precision(options[0].dtype)) if requested != "auto" else times.get(FP32)
+    if baseline is not None and times[best] * MARGIN > baseline:
+        best = Precision(options[0].dtype) if requested != "auto" else FP32
+    measured["chosen"] = best.describe()
+    return best, measured
