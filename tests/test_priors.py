@@ -53,7 +53,7 @@ def test_bn_prior_gradient_moves_images_toward_the_statistics(tiny_teacher):
 def test_bn_first_layer_weight_and_momentum_blend():
     taps = [_tap([1.0], [1.0], [0.0], [1.0], "a"), _tap([1.0], [1.0], [0.0], [1.0], "b")]
     total, per_layer = BNStatistics(first_layer_weight=3.0)(taps)
-    assert per_layer == [1.0, 1.0] and total.item() == pytest.approx(4.0)
+    assert per_layer.tolist() == [1.0, 1.0] and total.item() == pytest.approx(4.0)
     prior = BNStatistics(momentum=0.5)
     prior([_tap([2.0], [1.0], [0.0], [1.0], "a")])
     total, _ = prior([_tap([0.0], [1.0], [0.0], [1.0], "a")])  # blended mean 0.5*2 + 0.5*0 = 1
@@ -62,7 +62,7 @@ def test_bn_first_layer_weight_and_momentum_blend():
 
 def test_bn_prior_with_no_taps_is_zero():
     total, per_layer = BNStatistics()([])
-    assert total.item() == 0 and per_layer == []
+    assert total.item() == 0 and per_layer.tolist() == []
 
 
 def test_onehot_uses_the_asked_class_or_the_argmax():

@@ -55,6 +55,10 @@ class Precision:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def network(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with its weights in this layout (its convolutions then run channels_last)."""
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
     def describe(self) -> str:
         return self.dtype + (" + channels_last" if self.channels_last else "")
 
@@ -93,8 +97,9 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(step, device, repeats: int = 3) -> float:
-    """Median seconds of ``step()`` over ``repeats`` calls, after one warm-up call.
+def time_step(step, device, repeats: int = 3, give_up_above: float | None = None) -> float:
+    """Median seconds of ``step()`` over ``repeats`` calls, after one warm-up call; a call slower
+    than ``give_up_above`` seconds ends the timing early (it cannot be the fastest anyway).
 
     Example:
         >>> time_step(lambda: torch.ones(8).sum(), "cpu", repeats=2) < 1.0
@@ -108,6 +113,8 @@ def time_step(step, device, repeats: int = 3) -> float:
         step()
         synchronize(device)
         times.append(time.perf_counter() - started)
+        if give_up_above is not None and times[-1] > give_up_above:
+            break
     return statistics.median(times)
 
 
@@ -130,8 +137,10 @@ def choose(requested: str, device, step, repeats: int = 3) -> tuple[Precision, d
     if len(options) == 1:
         return options[0], measured
     for option in options:
+        fastest = min(measured["ms"].values(), default=None)
+        give_up = 2 * fastest / 1000 if fastest else None  # twice the fastest so far: one call says enough
         try:
-            measured["ms"][option.describe()] = round(1000 * time_step(lambda: step(option), device, repeats), 2)
+            measured["ms"][option.describe()] = round(1000 * time_step(lambda: step(option), device, repeats, give_up), 2)
         except (RuntimeError, NotImplementedError) as e:  # no kernel for this dtype or layout
             measured["failed"][option.describe()] = str(e).splitlines()[0][:200]
     if not measured["ms"]:
@@ -143,3 +152,16 @@ def choose(requested: str, device, step, repeats: int = 3) -> tuple[Precision, d
         best = Precision(options[0].dtype) if requested != "auto" else FP32
     measured["chosen"] = best.describe()
     return best, measured
+
+
+def notify_device(accelerator: str, device: torch.device, notify) -> None:
+    """Say in one line when ``--accelerator auto`` found an accelerator (a CPU run says nothing).
+
+    Example:
+        >>> notify_device("auto", torch.device("cpu"), print)
+        >>> notify_device("auto", torch.device("meta"), print)
+        note: --accelerator auto runs on meta (--accelerator cpu keeps the CPU)
+    """
+    if accelerator == "auto" and device.type != "cpu":
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        notify(f"note: --accelerator auto runs on {name} (--accelerator cpu keeps the CPU)")

@@ -50,6 +50,7 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
     ``shards`` splits the classes of the matching methods across processes (:class:`Shards`).
     ``teacher`` (a :class:`~datafree.teachers.teacher.Teacher` taking the source's images) is needed by the
     teacher terms (``teacher_ce``, ``teacher_bn``). Keyword arguments are :class:`CondenseSettings` fields.
+    The matching methods run on ``shards.device``; the result is on the CPU.
 
     Example:
         >>> spec = InputSpec(1, 28, (0.5,), (0.5,), [str(c) for c in range(10)])
@@ -66,8 +67,13 @@ def condense(source: ImageSet, method: str, ipc: int, seed: int = 0, progress=No
     check_source(source, method, settings)
     if (settings.teacher_ce or settings.teacher_bn) and teacher is None:
         raise UserError("the teacher terms (teacher_ce, teacher_bn) need the teacher: condense a distill run's transfer set")
-    return run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
-               shards=shards or Shards(), teacher=teacher)
+    shards = shards or Shards()
+    if method in MATCHING_METHODS and shards.device.type != "cpu":  # the selection methods pick images on the CPU (faiss)
+        source = ImageSet(source.images.to(shards.device), source.labels.to(shards.device), source.spec, name=source.name)
+        teacher = teacher.to(shards.device) if teacher is not None else None
+    result = run(source, settings, progress or (lambda *a, **k: None), checkpoint=checkpoint, resume=resume,
+                 shards=shards, teacher=teacher)
+    return result.cpu() if isinstance(result, Condensed) else result
 
 
 def check_source(source: ImageSet, method: str, s: CondenseSettings) -> None:

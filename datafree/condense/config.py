@@ -13,6 +13,7 @@ from pydantic.dataclasses import dataclass
 
 from datafree.base.config import STRICT, build_config, describe, parse_duration, step_cap
 from datafree.base.errors import UserError
+from datafree.base.precision import PRECISIONS
 
 CONDENSE_METHODS = ("dc", "dsa", "dm", "gm_pool", "dm_pool", "random", "herding", "kcenter")  # the condenser registry's names (a test checks)
 
@@ -97,6 +98,10 @@ class CondenseJob:
         f"(default {TEACHER_TERMS['teacher_bn']:g}, chosen on a validation split; nothing for a teacher without BN)", ge=0)
     data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
     download: bool = describe("let torchvision download a missing data set (needs the network)", False)
+    accelerator: str = describe("where the matching methods run: auto (a GPU when there is one), cpu, gpu (Lightning Fabric)", "auto")
+    precision: Literal[PRECISIONS] = describe(  # type: ignore[valid-type]
+        "numeric precision of the matching network's passes: auto times fp32 and bf16 (fp16 too on CUDA), with and without "
+        "channels_last, and keeps the fastest (fp32 unless another is 1.05x as fast); gradients and distances stay fp32", "auto")
     devices: int = describe("processes per machine; the classes are split across them (Lightning Fabric)", 1, ge=1)
     num_nodes: int = describe("machines (Lightning Fabric)", 1, ge=1)
     strategy: str | None = describe("Lightning strategy for devices/num_nodes (default ddp; gloo on CPUs)")
@@ -152,7 +157,8 @@ class CondenseJob:
 
     def settings(self) -> dict:
         """The :class:`~datafree.condense.settings.CondenseSettings` fields this job sets (with the method's own defaults)."""
-        chosen = {"iterations": self.iteration_cap(), "time_budget": self.budget_seconds(), "factor": self.factor}
+        chosen = {"iterations": self.iteration_cap(), "time_budget": self.budget_seconds(), "factor": self.factor,
+                  "precision": self.precision}
         if self.schedule == "published":
             outer, inner = (1, 1) if self.ipc == 1 else (10, 50) if self.ipc <= 10 else (50, 10)
             chosen |= PUBLISHED | {"outer_loop": outer, "inner_loop": inner}

@@ -89,18 +89,26 @@ def load_source(job: CondenseJob):
     return source, info, False
 
 
-def _shards(job: CondenseJob):
+def _shards(job: CondenseJob, notify=None):
+    """This process's share of the classes and its device: one CPU process unless the job asks for
+    more processes or an accelerator (``auto`` takes a GPU when there is one, and says so)."""
     from datafree.condense.run import Shards
 
-    if not job.scaled_out():
+    on_cpu = job.accelerator == "cpu" or (job.accelerator == "auto" and not torch.cuda.is_available())
+    if not job.scaled_out() and on_cpu:
         return Shards()
     from lightning.fabric import Fabric
 
     from datafree.models.training import quiet_lightning
 
     quiet_lightning()
-    fabric = Fabric(accelerator="cpu", devices=job.devices, num_nodes=job.num_nodes, strategy=job.strategy or "ddp")
+    strategy = job.strategy or ("ddp" if job.scaled_out() else "auto")
+    fabric = Fabric(accelerator=job.accelerator, devices=job.devices, num_nodes=job.num_nodes, strategy=strategy)
     fabric.launch()
+    if notify is not None and fabric.global_rank == 0:
+        from datafree.base.precision import notify_device
+
+        notify_device(job.accelerator, fabric.device, notify)
     return Shards(fabric)
 
 
@@ -177,7 +185,7 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     if not job.resume and not launched_worker():
         check_writable_dir(out, job.overwrite)
         remove_outputs(out)  # an overwritten run starts afresh: no image, checkpoint or report of the old one stays
-    shards = _shards(job)
+    shards = _shards(job, notify)
     bar = BudgetBar(job.iteration_cap(), job.budget_seconds(), show=job.progress and shards.is_main, desc=f"condense {job.method}",
                     report=shards.is_main)
     with no_real_data("data-free condensation") if data_free else contextlib.nullcontext():
@@ -259,7 +267,7 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
                                                   "training_images_per_class": job.ipc * job.factor ** 2,
                                                   "stored": "dataset.safetensors 'stored' holds the factorised images; 'images' "
                                                             "and the PNGs hold them decoded" if job.factor > 1 else None},
-                "processes": processes, "iterations_done": len(result.history),
+                "processes": processes, "precision": result.precision or None, "iterations_done": len(result.history),
                 "seconds": result.history[-1]["seconds"] if result.history else 0.0, "history_tail": result.history[-3:]}
     if job.evaluate:
         from datafree.data.datasets import ImageSet, load_dataset
@@ -272,7 +280,8 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
             from datafree.base.progress import ProgressFile
 
             manifest["evaluation"] = evaluate_set(condensed, test, models=job.evaluate, epochs=job.epochs, progress=job.progress,
-                                                  report=ProgressFile(after="evaluate"))
+                                                  report=ProgressFile(after="evaluate"), accelerator=job.accelerator,
+                                                  precision=job.precision)
     save_image_set(out, result.images, result.labels, source.spec, manifest, soft, init_source=starts, stored=result.stored)
     write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
     write_report(out)

@@ -24,6 +24,8 @@ from datafree.condense.run import MatchingRun, Shards, class_generator, decode, 
 from datafree.condense.settings import Condensed, CondenseSettings, class_index, matching_net, register_condenser
 from datafree.data.augment import SiameseAugment, families_for
 from datafree.data.datasets import ImageSet
+from datafree.base.precision import FP32, Precision
+from datafree.condense.settings import matching_precision
 
 
 def match_distance(grads_syn: list[torch.Tensor], grads_real: list[torch.Tensor]) -> torch.Tensor:
@@ -46,12 +48,13 @@ def match_distance(grads_syn: list[torch.Tensor], grads_real: list[torch.Tensor]
 
 def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: list[torch.Tensor], syn: torch.Tensor,
                            ipc: int, real_per_class: int, rng, dsa: SiameseAugment | None = None,
-                           classes: list[int] | None = None) -> torch.Tensor:
+                           classes: list[int] | None = None, precision: Precision = FP32) -> torch.Tensor:
     """Sum over ``classes`` (default all) of the matching distance between a real batch's and the synthetic images' gradients.
 
     The real gradients are constants; the synthetic ones keep their graph, so the result can be
     back-propagated into ``syn``. With ``dsa``, one augmentation is drawn per class and applied to
     both. ``rng`` is a generator, or a function of the class giving one (:func:`class_generator`).
+    The network's passes run in ``precision``; the gradients and distances are fp32.
     """
     params = list(net.parameters())
     loss = syn.new_zeros(())
@@ -62,15 +65,22 @@ def gradient_matching_loss(net: nn.Module, real_images: torch.Tensor, by_class: 
         if dsa is not None:
             p = dsa.sample(g)
             real, mine = dsa.apply(real, p), dsa.apply(mine, p)
-        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)]
-        loss = loss + synthetic_distance(net, params, mine, c, g_real)
+        with precision.autocast(real.device.type):
+            logits = net(real)
+        target = torch.full((len(real),), c, device=real.device)
+        g_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(logits.float(), target), params)]
+        loss = loss + synthetic_distance(net, params, mine, c, g_real, precision)
     return loss
 
 
-def synthetic_distance(net: nn.Module, params: list, images: torch.Tensor, c: int, g_real: list[torch.Tensor]) -> torch.Tensor:
+def synthetic_distance(net: nn.Module, params: list, images: torch.Tensor, c: int, g_real: list[torch.Tensor],
+                       precision: Precision = FP32) -> torch.Tensor:
     """The matching distance between ``g_real`` and the gradient of class ``c``'s synthetic images,
     whose graph is kept so the distance can be back-propagated into the images."""
-    g_syn = torch.autograd.grad(F.cross_entropy(net(images), torch.full((len(images),), c)), params, create_graph=True)
+    with precision.autocast(images.device.type):
+        logits = net(images)
+    target = torch.full((len(images),), c, device=images.device)
+    g_syn = torch.autograd.grad(F.cross_entropy(logits.float(), target), params, create_graph=True)
     return match_distance(g_syn, g_real)
 
 
@@ -92,7 +102,7 @@ def teacher_terms(teacher, images: torch.Tensor, classes: list[int], per_class: 
     from datafree.teachers.taps import BNStatistics
 
     mine = torch.cat([images[c * per_class:(c + 1) * per_class] for c in classes])
-    labels = torch.tensor(classes).repeat_interleave(per_class)
+    labels = torch.tensor(classes, device=images.device).repeat_interleave(per_class)
     logits = teacher(augment(mine, g))
     loss = s.teacher_ce * F.cross_entropy(logits, labels)
     if s.teacher_bn and teacher.bn_taps():
@@ -109,21 +119,22 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     syn, init_source = init_images(source, s, rng, by_class)
     syn.requires_grad_(True)
     per_class = s.ipc * s.factor ** 2
-    syn_labels = torch.arange(k).repeat_interleave(per_class)
+    syn_labels = torch.arange(k, device=syn.device).repeat_interleave(per_class)
+    precision, ran = matching_precision(source, s)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt_img, shards=shards, **run_kwargs)
     teacher_augment = dsa or SiameseAugment(families_for(source.name))
     outer, inner = s.loops()
     with run.saving_on_interrupt():
         while run.next_iteration():
-            net = matching_net(source, s)
+            net = matching_net(source, s, precision)
             opt_net = torch.optim.SGD(net.parameters(), lr=s.lr_net)
             losses = []
             for ol in range(outer):
                 draws = lambda c: class_generator(s.seed, run.iteration, ol, c)  # noqa: E731
                 decoded = decode(syn, s.factor)
                 loss = gradient_matching_loss(net, source.images, by_class, decoded, per_class, s.real_per_class,
-                                              draws, dsa, mine)
+                                              draws, dsa, mine, precision)
                 loss = loss + teacher_terms(teacher, decoded, mine, per_class, teacher_augment, draws(-1), s)
                 losses.append(run.step(loss))
                 if ol == outer - 1 or run.out_of_time():
@@ -134,13 +145,15 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
                     x = images[batch]
                     if dsa is not None:
                         x = dsa(x, rng)
-                    net_loss = F.cross_entropy(net(x), syn_labels[batch])
+                    with precision.autocast(x.device.type):
+                        logits = net(x)
+                    net_loss = F.cross_entropy(logits.float(), syn_labels[batch])
                     opt_net.zero_grad()
                     net_loss.backward()
                     opt_net.step()
             run.end_iteration({"match_loss": sum(losses) / len(losses) / k})
     return Condensed(decode(syn.detach(), s.factor), syn_labels, history=run.history, init_source=init_source,
-                     stored=syn.detach() if s.factor > 1 else None)
+                     stored=syn.detach() if s.factor > 1 else None, precision=ran)
 
 
 @register_condenser("dc")
@@ -166,9 +179,10 @@ def mean_embedding_distance(net: nn.Module, real: torch.Tensor, mine: torch.Tens
         >>> float(mean_embedding_distance(net, torch.zeros(4, 1, 28, 28), torch.zeros(2, 1, 28, 28), "all"))
         0.0
     """
-    if layers == "last":
-        return ((net.forward_features(real).mean(0) - net.forward_features(mine).mean(0)) ** 2).sum()
-    real_blocks, my_blocks = net.block_features(real), net.block_features(mine)
+    if layers == "last":  # means and distances in fp32, also when the network ran in 16 bits
+        return ((net.forward_features(real).float().mean(0) - net.forward_features(mine).float().mean(0)) ** 2).sum()
+    real_blocks = [b.float() for b in net.block_features(real)]
+    my_blocks = [b.float() for b in net.block_features(mine)]
     width = real_blocks[-1].shape[1]
     return sum(((r.mean(0) - m.mean(0)) ** 2).sum() * (width / r.shape[1]) for r, m in zip(real_blocks, my_blocks))
 
@@ -184,10 +198,11 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=
     syn.requires_grad_(True)
     augment = SiameseAugment(families_for(source.name))
     opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
+    precision, ran = matching_precision(source, s)
     run = MatchingRun(s, progress, rng, syn, opt, method="dm", shards=shards, **run_kwargs)
     with run.saving_on_interrupt():
         while run.next_iteration():
-            net = matching_net(source, s)
+            net = matching_net(source, s, precision)
             for p in net.parameters():
                 p.requires_grad_(False)
             loss, decoded, per_class = syn.new_zeros(()), decode(syn, s.factor), s.ipc * s.factor ** 2
@@ -195,10 +210,12 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=
                 g = class_generator(s.seed, run.iteration, 0, c)
                 idx = by_class[c][torch.randint(len(by_class[c]), (s.real_per_class,), generator=g)]
                 p = augment.sample(g)
-                loss = loss + mean_embedding_distance(net, augment.apply(source.images[idx], p),
-                                                      augment.apply(decoded[c * per_class:(c + 1) * per_class], p), s.dm_layers)
+                with precision.autocast(syn.device.type):
+                    loss = loss + mean_embedding_distance(net, augment.apply(source.images[idx], p),
+                                                          augment.apply(decoded[c * per_class:(c + 1) * per_class], p), s.dm_layers)
             loss = loss + teacher_terms(teacher, decoded, shards.mine(k), per_class, augment,
                                         class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(s.ipc * s.factor ** 2),
-                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
+                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None,
+                     precision=ran)

@@ -19,6 +19,8 @@ from datafree.condense.run import MatchingRun, Shards, class_generator, decode, 
 from datafree.condense.settings import Condensed, CondenseSettings, class_index, matching_net, register_condenser
 from datafree.data.augment import SiameseAugment, families_for
 from datafree.data.datasets import ImageSet
+from datafree.base.precision import FP32, Precision
+from datafree.condense.settings import matching_precision
 
 
 class NetworkPool:
@@ -38,8 +40,9 @@ class NetworkPool:
     """
 
     def __init__(self, source: ImageSet, s: CondenseSettings, augment: SiameseAugment, classes: list[int],
-                 kind: str = "gradients"):
+                 kind: str = "gradients", precision: Precision = FP32):
         self.source, self.s, self.augment, self.classes, self.kind = source, s, augment, classes, kind
+        self.precision = precision  # of the networks' passes (their gradients and means are fp32)
         self.by_class = class_index(source.labels, source.spec.num_classes)
         self.slots: dict[int, tuple[int, nn.Module, dict]] = {}  # slot -> (network number, network, cache)
 
@@ -64,12 +67,14 @@ class NetworkPool:
         g = class_generator(self.s.seed, -1, number, -1)
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
-            net = matching_net(self.source, self.s)
+            net = matching_net(self.source, self.s, self.precision)
         steps = int(torch.randint(0, self.s.pool_train_steps + 1, (1,), generator=g))
         opt = torch.optim.SGD(net.parameters(), lr=self.s.lr_net, momentum=0.9)
         for _ in range(steps):  # an early snapshot of a network trained on the real data
             batch = torch.randint(len(self.source.labels), (256,), generator=g)
-            loss = F.cross_entropy(net(self.augment(self.source.images[batch], g)), self.source.labels[batch])
+            with self.precision.autocast(self.source.images.device.type):
+                logits = net(self.augment(self.source.images[batch], g))
+            loss = F.cross_entropy(logits.float(), self.source.labels[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -84,11 +89,13 @@ class NetworkPool:
                 idx = self.by_class[c][torch.randint(len(self.by_class[c]), (self.s.real_per_class,), generator=g)]
                 p = self.augment.sample(g)
                 real = self.augment.apply(self.source.images[idx], p)
+                with self.precision.autocast(real.device.type), torch.set_grad_enabled(self.kind != "means"):
+                    out = net.forward_features(real) if self.kind == "means" else net(real)
                 if self.kind == "means":
-                    with torch.no_grad():
-                        cache[c].append((p, net.forward_features(real).mean(0)))
+                    cache[c].append((p, out.float().mean(0)))
                     continue
-                grads = torch.autograd.grad(F.cross_entropy(net(real), torch.full((len(real),), c)), params)
+                target = torch.full((len(real),), c, device=real.device)
+                grads = torch.autograd.grad(F.cross_entropy(out.float(), target), params)
                 cache[c].append((p, [t.detach() for t in grads]))
         if self.kind == "means":
             net.requires_grad_(False)  # only the synthetic images take gradients
@@ -108,7 +115,8 @@ def _pool_matching(source: ImageSet, s: CondenseSettings, progress, shards: Shar
     syn.requires_grad_(True)
     per_class = s.ipc * s.factor ** 2
     augment = SiameseAugment(families_for(source.name))
-    pool = NetworkPool(source, s, augment, mine, kind=kind)
+    precision, ran = matching_precision(source, s)
+    pool = NetworkPool(source, s, augment, mine, kind=kind, precision=precision)
     opt = torch.optim.SGD([syn], lr=lr, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt, method=method, shards=shards, **run_kwargs)
     with run.saving_on_interrupt():
@@ -118,11 +126,13 @@ def _pool_matching(source: ImageSet, s: CondenseSettings, progress, shards: Shar
             for c in mine:
                 g = class_generator(s.seed, run.iteration, 0, c)
                 p, real_side = cache[c][int(torch.randint(s.aug_draws, (1,), generator=g))]
-                loss = loss + class_distance(net, augment.apply(decoded[c * per_class:(c + 1) * per_class], p), c, real_side)
+                with precision.autocast(syn.device.type):
+                    loss = loss + class_distance(net, augment.apply(decoded[c * per_class:(c + 1) * per_class], p), c, real_side)
             loss = loss + teacher_terms(teacher, decoded, mine, per_class, augment, class_generator(s.seed, run.iteration, 1, -1), s)
             run.end_iteration({"match_loss": run.step(loss) / k})
     return Condensed(decode(syn.detach(), s.factor), torch.arange(k).repeat_interleave(per_class),
-                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None)
+                     history=run.history, init_source=init_source, stored=syn.detach() if s.factor > 1 else None,
+                     precision=ran)
 
 
 @register_condenser("gm_pool")
@@ -145,4 +155,4 @@ def dm_pool(source: ImageSet, s: CondenseSettings, progress, shards: Shards, tea
     step is looked up: one matching step is a forward and backward pass of the synthetic images.
     """
     return _pool_matching(source, s, progress, shards, teacher, "dm_pool", "means", s.extra.get("lr_dm", 1.0),
-                          lambda net, x, c, real_mean: ((real_mean - net.forward_features(x).mean(0)) ** 2).sum(), **run_kwargs)
+                          lambda net, x, c, real_mean: ((real_mean - net.forward_features(x).float().mean(0)) ** 2).sum(), **run_kwargs)

@@ -40,15 +40,16 @@ class Shards:
     gradients are summed across processes, and every process takes the same optimiser step on a
     full copy of the set. Every random draw of a class comes from :func:`class_generator`, so the
     result does not depend on the number of processes. Without ``fabric`` (one process) the
-    collectives are no-ops.
+    collectives are no-ops. ``device`` is where this process matches (``fabric``'s when given).
 
     Example:
         >>> Shards().mine(10)
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
 
-    def __init__(self, fabric=None):
+    def __init__(self, fabric=None, device: torch.device | str | None = None):
         self.fabric = fabric
+        self.device = fabric.device if fabric is not None else torch.device(device or "cpu")
         self.rank = fabric.global_rank if fabric is not None else 0
         self.world = fabric.world_size if fabric is not None else 1
 
@@ -112,20 +113,21 @@ def init_images(source: ImageSet, s: CondenseSettings, rng: torch.Generator, by_
     """The starting (stored) images, and for each decoded image the index of the source image it copies
     (-1 for noise and k-means centres). With ``factor`` f, f^2 source images are tiled into each stored one."""
     per_class = s.ipc * s.factor ** 2  # decoded images per class
-    shape = (source.spec.num_classes * s.ipc, *source.images.shape[1:])
+    device, images, by_class = source.images.device, source.images.cpu(), [idx.cpu() for idx in by_class]
+    shape = (source.spec.num_classes * s.ipc, *images.shape[1:])
     none = torch.full((source.spec.num_classes * per_class,), -1, dtype=torch.long)
     if s.init == "noise":
-        return torch.randn(shape, generator=rng), none
+        return torch.randn(shape, generator=rng).to(device), none
     if s.init == "kmeans":
-        centres = torch.cat([kmeans_centres(source.images[idx], per_class, s.seed) for idx in by_class])
-        return encode(centres, s.factor), none
+        centres = torch.cat([kmeans_centres(images[idx], per_class, s.seed) for idx in by_class])
+        return encode(centres, s.factor).to(device), none
     if s.init == "herding":  # real images again, but the class's representative ones instead of random draws
-        chosen = torch.cat([idx[herding_indices(source.images[idx], per_class, s)] for idx in by_class])
+        chosen = torch.cat([idx[herding_indices(images[idx], per_class, s)] for idx in by_class])
     elif s.init == "real":
         chosen = torch.cat([idx[torch.randperm(len(idx), generator=rng)[:per_class]] for idx in by_class])
     else:
         raise UserError(f"unknown initialisation {s.init!r}; use real, herding, noise or kmeans")
-    return encode(source.images[chosen].clone(), s.factor), chosen
+    return encode(images[chosen].clone(), s.factor).to(device), chosen
 
 
 class MatchingRun:
@@ -145,7 +147,7 @@ class MatchingRun:
         self.s, self.progress, self.rng, self.syn, self.opt = s, progress, rng, syn, opt
         self.shards = shards or Shards()
         self.path = Path(checkpoint) if checkpoint else None
-        self.key = {"method": method, **{k: v for k, v in asdict(s).items() if k not in ("time_budget", "iterations", "checkpoint_every")}}
+        self.key = {"method": method, **{k: v for k, v in asdict(s).items() if k not in ("time_budget", "iterations", "checkpoint_every", "precision")}}
         self.iteration, self.history, self.elapsed_before = 0, [], 0.0
         self.started = self.last_saved = time.monotonic()
         self.snapshot = None

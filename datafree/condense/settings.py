@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from datafree.base.precision import FP32, Precision, check_precision, choose
 from datafree.base.registry import Registry
-from datafree.data.datasets import ImageSet
+from datafree.data.datasets import ImageSet, InputSpec  # noqa: F401  (InputSpec: docstring example)
 from datafree.models.zoo import create_model
 
 CONDENSERS = Registry("condensation method")
@@ -53,6 +55,7 @@ class CondenseSettings:
     time_budget: float | None = None      # seconds, counted across resumes
     checkpoint_every: float = 60.0        # seconds between checkpoints (when a checkpoint path is given)
     seed: int = 0
+    precision: str = "fp32"               # the matching network's passes: auto | fp32 | bf16 | fp16 (base.precision; auto is timed)
     extra: dict = field(default_factory=dict)
 
     def loops(self) -> tuple[int, int]:
@@ -69,6 +72,12 @@ class Condensed:
     stored: torch.Tensor | None = None    # with factor > 1: the stored images (the storage budget), ipc per class
     history: list[dict] = field(default_factory=list)
     init_source: torch.Tensor | None = None   # per image: the source index it started from (-1: not a source image)
+    precision: dict = field(default_factory=dict)  # what the matching network's passes ran in, and what was measured
+
+    def cpu(self) -> "Condensed":
+        """The result with every tensor on the CPU (where it is written and evaluated)."""
+        moved = {name: value.cpu() if torch.is_tensor(value) else value for name, value in vars(self).items()}
+        return Condensed(**moved)
 
 
 def class_index(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
@@ -85,9 +94,46 @@ def matching_net_kwargs(s: CondenseSettings) -> dict:
     return {"width": s.net_width, "depth": s.net_depth, "norm": "instance", "first_padding": s.first_padding}
 
 
-def matching_net(source: ImageSet, s: CondenseSettings) -> nn.Module:
+def matching_net(source: ImageSet, s: CondenseSettings, precision: Precision = FP32) -> nn.Module:
+    """A fresh matching ConvNet on the source's device, in the precision's memory layout."""
     spec = source.spec
-    return create_model("convnet", spec.num_classes, spec.channels, spec.size, **matching_net_kwargs(s))
+    net = create_model("convnet", spec.num_classes, spec.channels, spec.size, **matching_net_kwargs(s))
+    return precision.network(net.to(source.images.device))
+
+
+def matching_precision(source: ImageSet, s: CondenseSettings) -> tuple[Precision, dict]:
+    """The precision and layout the matching network's passes run in: ``s.precision``, or for
+    ``auto`` the fastest measured on one class's real batch (a forward, the gradient with its graph,
+    and the backward through it: the pattern of a gradient-matching step).
+
+    Example:
+        >>> spec = InputSpec(1, 28, (0.5,), (0.5,), [str(c) for c in range(10)])
+        >>> tiny = ImageSet(torch.randn(40, 1, 28, 28), torch.arange(10).repeat(4), spec)
+        >>> matching_precision(tiny, CondenseSettings(net_width=8, real_per_class=4))[0].describe()
+        'fp32'
+    """
+    device = source.images.device
+    if s.precision != "auto":
+        check_precision(s.precision, device.type)
+        return Precision(s.precision), {"requested": s.precision, "chosen": Precision(s.precision).as_dict()}
+    x = source.images[:s.real_per_class]
+    y = source.labels[:s.real_per_class].to(device)
+
+    def step(p: Precision):
+        net = matching_net(source, s, p)
+        params = list(net.parameters())
+        with p.autocast(device.type):
+            loss = F.cross_entropy(net(x).float(), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        sum(g.float().pow(2).sum() for g in grads).backward()
+
+    state = torch.get_rng_state()
+    try:
+        chosen, measured = choose("auto", device, step)
+    finally:
+        torch.set_rng_state(state)
+    return chosen, {"requested": "auto", "device": str(device), "chosen": chosen.as_dict(), "measured_ms": measured["ms"],
+                    "failed": measured["failed"]}
 
 
 DM_LAYERS = ("last", "all")

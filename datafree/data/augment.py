@@ -57,7 +57,7 @@ class SiameseAugment:
         u = p.values.view(1, 4).expand(len(x), 4) if p.values.dim() == 1 else p.values
         if len(u) != len(x):
             raise ValueError(f"{len(u)} per-image draws for a batch of {len(x)}")
-        return getattr(self, f"_{p.family}")(x, u.to(x.dtype))
+        return getattr(self, f"_{p.family}")(x, u.to(device=x.device, dtype=x.dtype))  # drawn on the CPU, used where x is
 
     def __call__(self, x: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         return self.apply(x, self.sample(rng))

@@ -14,6 +14,7 @@ from pydantic.dataclasses import dataclass
 
 from datafree.base.config import STRICT, describe, parse_duration, step_cap
 from datafree.base.errors import UserError
+from datafree.base.precision import PRECISIONS
 from datafree.teachers.ensemble import ENSEMBLE_RULES
 
 ADV_KINDS = ("l1", "kl", "js")
@@ -112,8 +113,13 @@ class DistillConfig:
     # optional report-only evaluation on real data, after training
     eval_data: str | None = describe("real test set for the report only, measured once after training (default: the card's)")
     data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
+    # where and how it runs
+    precision: Literal[PRECISIONS] = describe(  # type: ignore[valid-type]
+        "numeric precision of the teacher's and the student's passes: auto times fp32 and bf16 (fp16 too on CUDA), each with "
+        "and without channels_last, at start-up and keeps the fastest, fp32 unless another is 1.05x as fast (losses and BN "
+        "statistics stay fp32); fp32, bf16 or fp16 choose only the layout", "auto")
     # scale-out, passed to Lightning
-    accelerator: str = describe("passed to Lightning: cpu, gpu, auto", "cpu")
+    accelerator: str = describe("passed to Lightning: auto (a GPU when there is one), cpu, gpu", "auto")
     devices: int = describe("passed to Lightning", 1, ge=1)
     num_nodes: int = describe("passed to Lightning", 1, ge=1)
     strategy: str = describe("passed to Lightning, e.g. ddp", "auto")

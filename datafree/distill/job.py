@@ -41,6 +41,7 @@ from datafree.base.io import (
     write_json,
     write_text,
 )
+from datafree.base.precision import notify_device
 from datafree.base.progress import ProgressFile
 from datafree.base.runtime import tune_allocator
 from datafree.data.datasets import ImageSet, InputSpec, dataset_spec, no_real_data
@@ -80,6 +81,7 @@ class RunControl(L.Callback):
         self._previous = {}
         self.show_progress, self.bar = progress, None
         self.report = ProgressFile()
+        self.kd: float | None = None  # the student's latest loss read (every 10th round)
 
     def on_train_start(self, trainer, pl_module):
         if self.show_progress and trainer.is_global_zero:
@@ -123,16 +125,18 @@ class RunControl(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = pl_module.rounds
+        last = self.stop_requested or pl_module.progress() >= 1.0  # the last round is always reported
+        if outputs and (step % 10 == 1 or last):  # the student's loss waits for the device: read it every 10th round
+            self.kd = float(outputs["kd"])
         if self.bar is not None:
             done = pl_module.progress()
             if pl_module.budget_seconds and done > 0:  # a time budget binds first: re-estimate the total
                 self.bar.total = max(step, round(step / done))
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(kd=f"{float(outputs['kd']) if outputs else 0:.3f}", pool=len(pl_module.pool), refresh=False)
+            self.bar.set_postfix(kd=f"{self.kd or 0:.3f}", pool=len(pl_module.pool), refresh=False)
         if trainer.is_global_zero:
-            metrics = {"loss_student": float(outputs["kd"]) if outputs else None, "pool_size": len(pl_module.pool),
+            metrics = {"loss_student": self.kd, "pool_size": len(pl_module.pool),
                        "holdout_agreement": getattr(pl_module, "last_agreement", None)}
-            last = self.stop_requested or pl_module.progress() >= 1.0  # the last round is always reported
             self.report.update(pl_module.progress(), step, self.cfg.round_cap(), metrics, force=last)
         if self.stop_requested or pl_module.progress() >= 1.0:
             trainer.should_stop = True
@@ -225,6 +229,8 @@ def run_distill(cfg: DistillConfig, resume: bool = False, overwrite: bool = Fals
                         callbacks=[control], logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=out,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     log.rank0 = trainer.is_global_zero
+    if trainer.is_global_zero and not resume:
+        notify_device(cfg.accelerator, trainer.strategy.root_device, notify)
     started = time.time()
     with no_real_data("data-free distillation"), control.stop_signals():
         trainer.fit(module, torch.utils.data.DataLoader(Rounds(), batch_size=None), ckpt_path=str(ckpt) if resume else None)
@@ -265,11 +271,13 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
         "space": "the teacher's input space: pixels = images * std + mean", "input_spec": teacher.spec.to_dict(),
         "class_names": teacher.spec.class_names, "class_counts": torch.bincount(logits.argmax(1), minlength=teacher.num_classes).tolist(),
         "teacher_sha256": teacher_hash, "teachers": teachers, "preset": cfg.preset, "seed": cfg.seed, "steps": module.rounds,
+        "precision": module.precision,
         "tensors": {"images": "float32 N x C x H x W", "teacher_logits": "float32 N x classes", "labels": "int64 teacher argmax"}})
     summary = {"steps": module.rounds, "seconds": round(seconds, 1), "selected_step": best_step,
                "holdout_agreement": _round(best_agreement), "student": student_arch,
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule, "final_share": module.final_start,
+               "precision": module.precision,
                "teachers": teachers, "knowledge": ["logits (KD)"] + [f"{k} x{w:g}" for k, w in sorted(module.knowledge.items())]}
     if len(teachers) > 1:
         summary["ensemble_rule"] = teacher.rule

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datafree.base.config import parse_duration
+from datafree.base.precision import FP32, Precision
 from datafree.distill.config import DistillConfig
 from datafree.distill.knowledge import Hint, knowledge_terms
 from datafree.distill.losses import kd_loss
@@ -98,6 +99,8 @@ class DistillModule(L.LightningModule):
         self.student_steps = cfg.student_steps
         self.schedule: dict | None = None  # what fit_schedule measured and chose (or "fixed"), kept in checkpoints
         self.final_start: dict | None = None  # where the student-only last share began (round, progress, pool size)
+        self.precision: dict | None = None  # what was measured and chosen for the teacher's and the student's passes
+        self.teacher_precision = self.student_precision = FP32
 
     @staticmethod
     def _knowledge_terms(teacher, student, cfg, notify) -> tuple[dict, Hint | None, SpatialTap | None]:
@@ -164,7 +167,16 @@ class DistillModule(L.LightningModule):
         self.rng.manual_seed(self.cfg.seed + 1000 * self.global_rank)
 
     def on_train_start(self):
-        """Fit the round's schedule to this teacher's measured cost (once: a resume keeps the first choice)."""
+        """Choose the passes' precision, then fit the round's schedule to this teacher's measured cost
+        (each once, on this device: a resume keeps the first choice, and moves its state here)."""
+        self.move_state(self.device)
+        if self.precision is None or torch.device(self.precision["device"]).type != self.device.type:
+            started = time.monotonic()  # (a run resumed on another kind of device measures again)
+            self.precision = self._measure_precision()
+            self.elapsed += time.monotonic() - started  # measuring is part of the run's budget
+            if self.trainer.world_size > 1:  # every rank runs as rank 0 measured
+                self.precision = self.trainer.strategy.broadcast(self.precision, src=0)
+        self._apply_precision()
         if self.schedule is None:
             if self.cfg.schedule == "auto":
                 from datafree.distill.schedule import fit_schedule
@@ -177,6 +189,80 @@ class DistillModule(L.LightningModule):
             else:
                 self.schedule = {"mode": "fixed", "student_steps": self.cfg.student_steps, "pool_size": self.cfg.pool_size}
         self._apply_schedule()
+        if self.trainer.world_size > 1:  # one clock for every rank from the first round (the measurements took each its own time)
+            self.elapsed = float(self.trainer.strategy.reduce(torch.tensor(self.elapsed, device=self.device), reduce_op="max"))
+
+    def _measure_precision(self) -> dict:
+        """Time a synthesis batch's teacher pass (forward and backward to the images) and a student
+        step in each candidate precision and layout (``base.precision.choose``); the record says
+        what was asked, measured and chosen. Measured on copies and random images: the run is not
+        changed by measuring it."""
+        from datafree.base.precision import choose
+
+        cfg, device = self.cfg, self.device
+        rng = torch.Generator().manual_seed(12345)
+        images = torch.randn(cfg.batch_size, *self.teacher.input_shape, generator=rng).to(device)
+        inputs = torch.randn(cfg.student_batch, *self.teacher.input_shape, generator=rng).to(device)
+        targets = torch.randn(cfg.student_batch, self.teacher.num_classes, generator=rng).to(device)
+        student = copy.deepcopy(self.student)
+
+        def teacher_step(p: Precision):
+            x = images.clone().requires_grad_(True)
+            with p.autocast(device.type):
+                logits = self.teacher.forward_with_features(p.images(x))[1]
+            logits.float().logsumexp(1).sum().backward()
+
+        def student_step(p: Precision):
+            with p.autocast(device.type):
+                logits = student(p.images(inputs))
+            kd_loss(logits.float(), targets, cfg.kd_temperature).backward()
+            student.zero_grad(set_to_none=True)
+
+        torch_state = torch.get_rng_state()
+        try:
+            teacher_choice, teacher_ms = choose(cfg.precision, device, teacher_step)
+            student_choice, student_ms = choose(cfg.precision, device, student_step)
+        finally:
+            torch.set_rng_state(torch_state)
+        return {"requested": cfg.precision, "device": str(device), "teacher": teacher_choice.as_dict(),
+                "student": student_choice.as_dict(),
+                "measured_ms": {"teacher_pass": teacher_ms["ms"], "student_step": student_ms["ms"]},
+                "failed": teacher_ms["failed"] | student_ms["failed"]}
+
+    def _apply_precision(self) -> None:
+        self.teacher_precision = Precision(**self.precision["teacher"])
+        self.student_precision = Precision(**self.precision["student"])
+        self.synth.teacher_precision, self.synth.student_precision = self.teacher_precision, self.student_precision
+
+    def state_tensors(self) -> dict:
+        """Every tensor of the run's state that is not a module's parameter or buffer (the pools, the
+        BN prior's momentum statistics, the soft targets), by name."""
+        found = {}
+        for name, pool in (("pool", self.pool), ("holdout", self.holdout), ("archive", self.archive)):
+            if pool is not None and pool.images is not None:
+                found[f"{name}.images"], found[f"{name}.logits"] = pool.images, pool.logits
+        for key, (mean, var) in self.synth.bn_prior.previous.items():
+            found[f"bn_previous.{key}.mean"], found[f"bn_previous.{key}.var"] = mean, var
+        if self.synth.soft_targets is not None:
+            found["soft_targets"] = self.synth.soft_targets
+        return found
+
+    def move_state(self, device) -> None:
+        """Move :meth:`state_tensors` to ``device``: Lightning moves the modules, but restores a
+        checkpoint before it does, so a resumed run's state would otherwise stay on the CPU."""
+        for pool in (self.pool, self.holdout, self.archive):
+            if pool is not None and pool.images is not None:
+                pool.images, pool.logits = pool.images.to(device), pool.logits.to(device)
+        prior = self.synth.bn_prior
+        prior.previous = {k: (m.to(device), v.to(device)) for k, (m, v) in prior.previous.items()}
+        if self.synth.soft_targets is not None:
+            self.synth.soft_targets = self.synth.soft_targets.to(device)
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits (fp32) at the chosen precision, without a graph."""
+        p = self.teacher_precision
+        with torch.no_grad(), p.autocast(images.device.type):
+            return self.teacher(p.images(images)).float()
 
     def _apply_schedule(self) -> None:
         self.student_steps = int(self.schedule["student_steps"])
@@ -248,8 +334,7 @@ class DistillModule(L.LightningModule):
         if batch_done:  # optimised pixels enter the pool only when their batch is finished
             images = images.detach()
             if self.synth.is_pixels or cfg.jitter:  # the scored images were shifted, or the pixels moved since
-                with torch.no_grad():
-                    t_logits = self.teacher(images)
+                t_logits = self.teacher_logits(images)
             held_out = cfg.holdout_every and self.batches % cfg.holdout_every == cfg.holdout_every - 1
             (self.holdout if held_out else self.pool).add(images, t_logits)
             if self.archive is not None and not held_out:
@@ -276,19 +361,25 @@ class DistillModule(L.LightningModule):
             x, changed = self.augment(x), True
         if cfg.mixup and torch.rand((), generator=self.rng) < cfg.mixup:
             x, changed = mixup(x, self.rng), True
+        sp, device_type = self.student_precision, x.device.type
         if self.knowledge:  # features of both: one teacher pass gives its logits too
             with torch.no_grad():
-                t_feats, t = self.teacher.forward_with_features(x)
-            s_feats = self.student.forward_features(x)
-            loss = kd_loss(self.student.head(s_feats), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
-            t_map = self.teacher.spatial_map()
+                t_feats, t = self.synth.teacher_pass(x)
+                t_map = self.teacher.spatial_map()
+            with sp.autocast(device_type):
+                s_feats = self.student.forward_features(sp.images(x))
+                s_logits = self.student.head(s_feats)
+            loss = kd_loss(s_logits.float(), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
             s_map = self.student_spatial.value if self.student_spatial is not None else None
-            loss = loss + sum(knowledge_terms(self.knowledge, s_feats, t_feats, self.hint, s_map, t_map).values())
+            loss = loss + sum(knowledge_terms(self.knowledge, s_feats.float(), t_feats, self.hint,
+                                              s_map.float() if s_map is not None else None,
+                                              t_map.float() if t_map is not None else None).values())
         else:
             if changed:
-                with torch.no_grad():
-                    t = self.teacher(x)
-            loss = kd_loss(self.student(x), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
+                t = self.teacher_logits(x)
+            with sp.autocast(device_type):
+                s_logits = self.student(sp.images(x))
+            loss = kd_loss(s_logits.float(), t, cfg.kd_temperature, cfg.kd_alpha, cfg.student_loss)
         opt_s.zero_grad()
         self._backward(loss, self._student_side())
         opt_s.step()
@@ -321,10 +412,18 @@ class DistillModule(L.LightningModule):
         with wrapper.no_sync():
             self.manual_backward(loss)
         world = self.trainer.world_size
-        for p in module.parameters():
+        for p in self.averaged_parameters(module):
             if p.grad is not None:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad /= world
+
+    def averaged_parameters(self, module: nn.Module) -> list[nn.Parameter]:
+        """The parameters of ``module`` whose gradients are averaged across processes: all of them,
+        except a pixel batch's: each process optimises images of its own, and the mean gradient of
+        other images would move them towards nothing."""
+        if module is self.generator and self.synth.is_pixels:
+            return []
+        return list(module.parameters())
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _log_round(self, step, stats, s_loss, t_logits):
@@ -333,7 +432,8 @@ class DistillModule(L.LightningModule):
                   "class_histogram": class_histogram(t_logits, self.teacher.num_classes),
                   "teacher_confidence": round(F.softmax(t_logits, 1).max(1).values.mean().item(), 4),
                   "elapsed_s": round(self.elapsed, 2)}
-        for k, v in stats.items():
+        for k, v in stats.items():  # tensors until now: a round that is not logged never waits for their values
+            v = v.tolist() if torch.is_tensor(v) else v
             record[k] = [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)
         self.log_fn(record)
 
@@ -374,17 +474,25 @@ class DistillModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
-            "rng": self.rng.get_state(),
-            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule),
+            "rng": self.rng.get_state(), "rng_ranks": self._rank_rng_states(),
+            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "precision": json.dumps(self.precision),
             "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets,
             "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
             "final_start": json.dumps(self.final_start),
             "archive": self.archive.state_dict() if self.archive is not None else None,
         }
 
+    def _rank_rng_states(self) -> list[torch.Tensor] | None:
+        """Every process's random state (a collective: every rank saves a checkpoint together)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        gathered = self.all_gather(self.rng.get_state().to(self.device))
+        return [s.cpu() for s in gathered]
+
     def on_load_checkpoint(self, checkpoint):
         state = checkpoint["datafree"]
         self.schedule = json.loads(state["schedule"]) if state.get("schedule") else None
+        self.precision = json.loads(state.get("precision") or "null")  # none in an older checkpoint: measured again
         if self.schedule is not None:
             self._apply_schedule()
         self.final_start = json.loads(state.get("final_start") or "null")
@@ -396,11 +504,32 @@ class DistillModule(L.LightningModule):
         elif self.final_start is not None:
             self.archive = None
         self.holdout.load_state_dict(state["holdout"])
-        self.rng.set_state(state["rng"])
+        self.rng.set_state(rank_rng_state(state, self.global_rank))
         self.snapshots = [(int(s), d) for s, d in state["snapshots"]]
         self.synth.bn_prior.previous = state["bn_previous"]
         self.synth.soft_targets = state.get("soft_targets")
         self.rounds, self.elapsed, self.batches = int(state["rounds"]), float(state["elapsed"]), int(state["batches"])
+
+
+def rank_rng_state(saved: dict, rank: int) -> torch.Tensor:
+    """The random state process ``rank`` resumes with: its own, saved beside rank 0's (``rng_ranks``);
+    for a checkpoint without it (one process, or saved before), rank 0's, from which any other rank
+    derives a stream of its own, so that no two processes synthesise the same batches.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> saved = {"rng": g.get_state()}
+        >>> torch.equal(rank_rng_state(saved, 0), saved["rng"]), torch.equal(rank_rng_state(saved, 1), saved["rng"])
+        (True, False)
+    """
+    ranks = saved.get("rng_ranks")
+    if ranks is not None and rank < len(ranks):
+        return ranks[rank]
+    if rank == 0:
+        return saved["rng"]
+    g = torch.Generator()
+    g.set_state(saved["rng"])
+    return torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=g)) + 1000 * rank).get_state()
 
 
 class Rounds(torch.utils.data.IterableDataset):

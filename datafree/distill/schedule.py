@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from datafree.base.precision import synchronize
+
 ROUNDED_STEPS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 80)
 
 
@@ -37,12 +39,16 @@ def choose_student_steps(synth_s: float, student_s: float, share: float, floor: 
     return int(min(cap, max(floor, ladder[-1])))
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn, repeats: int, device="cpu") -> float:
+    """The fastest of ``repeats`` calls of ``fn`` after a warm-up, each waiting for the device's
+    queued work (a CUDA step returns before its kernels are done)."""
     fn()  # warm-up (allocations, kernel selection)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -61,8 +67,7 @@ def measure_costs(module, repeats: int = 3) -> dict:
     rng = torch.Generator().manual_seed(12345)
     device = next(student.parameters()).device
     x = torch.randn(cfg.student_batch, *teacher.input_shape, generator=rng).to(device)
-    with torch.no_grad():
-        t = teacher(x)
+    t = module.teacher_logits(x)
 
     def synth_step():
         images, targets = synth.sample(cfg.batch_size, rng)
@@ -74,20 +79,22 @@ def measure_costs(module, repeats: int = 3) -> dict:
 
     def student_step(relabel: bool):  # a re-labelled step pays for the augmentation and the teacher pass
         inputs = module.augment(x) if relabel and module.augment is not None else x
-        logits = teacher(inputs) if relabel else t
-        kd_loss(student(inputs), logits.detach(), cfg.kd_temperature).backward()
+        logits = module.teacher_logits(inputs) if relabel else t
+        p = module.student_precision
+        with p.autocast(device.type):
+            s_logits = student(p.images(inputs))
+        kd_loss(s_logits.float(), logits.detach(), cfg.kd_temperature).backward()
         student.zero_grad(set_to_none=True)
 
     torch_state = torch.get_rng_state()
     try:
         synth.on_reset()  # soft targets for a pixel batch (ZSKD), when the preset uses them
-        costs = {"synthesis_step_s": _timed(synth_step, repeats),
-                 "student_step_s": _timed(lambda: student_step(False), repeats),
-                 "student_step_relabel_s": _timed(lambda: student_step(True), repeats)}
+        costs = {"synthesis_step_s": _timed(synth_step, repeats, device),
+                 "student_step_s": _timed(lambda: student_step(False), repeats, device),
+                 "student_step_relabel_s": _timed(lambda: student_step(True), repeats, device)}
     finally:
         torch.set_rng_state(torch_state)
-    with torch.no_grad():
-        costs["teacher_forward_s"] = _timed(lambda: teacher(x), repeats)
+    costs["teacher_forward_s"] = _timed(lambda: module.teacher_logits(x), repeats, device)
     return {k: round(v, 5) for k, v in costs.items()}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from datafree.base.precision import FP32
 from datafree.distill.config import DistillConfig
 from datafree.distill.priors import PRIORS, SynthesisBatch, dirichlet_targets, disagreement
 from datafree.teachers.taps import BNStatistics
@@ -43,6 +44,8 @@ class Synthesizer:
                    "--input-spec CxHxW:mean:std for a teacher that takes normalised images)")
             self.weights.pop("input")
         self.bn_prior = BNStatistics(cfg.bn_first_layer, cfg.bn_momentum)
+        # how the teacher's and the student's passes run (base.precision); the module sets them once measured
+        self.teacher_precision, self.student_precision = FP32, FP32
         self.is_pixels = hasattr(generator, "reset")
         self.similarity, self.soft_targets = None, None
         if "soft" in self.weights:
@@ -78,22 +81,32 @@ class Synthesizer:
             images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
         if self.similarity is not None and self.soft_targets is None:  # a batch drawn before any reset
             self.on_reset()
-        features, t_logits = self.teacher.forward_with_features(images)
+        features, t_logits = self.teacher_pass(images)
         batch = SynthesisBatch(images, t_logits, features, self.teacher.bn_taps(), None, targets,
                                self.soft_targets, self.cfg.soft_temperature)
         terms, stats = {}, {}
         if "bn" in self.weights:
             terms["bn"], stats["bn_per_layer"] = self.bn_prior(batch.taps)
         if "adv" in self.weights and student is not None:
-            s_logits = student(images)
+            with self.student_precision.autocast(images.device.type):
+                s_logits = student(self.student_precision.images(images)).float()
             terms["adv"] = -disagreement(s_logits, t_logits, self.cfg.adv_kind, self.cfg.adv_temperature)
         for name in self.weights:
             if name in PRIORS:
                 terms[name] = PRIORS[name](batch)
         total = sum(self.weights[k] * v for k, v in terms.items())
-        stats.update({f"loss_{k}": v.item() for k, v in terms.items()})
-        stats["loss_synthesis"] = float(total.detach()) if torch.is_tensor(total) else float(total)
+        # detached tensors: they become Python floats only on the rounds that are logged (no wait for the device)
+        stats.update({f"loss_{k}": v.detach() for k, v in terms.items()})
+        stats["loss_synthesis"] = total.detach() if torch.is_tensor(total) else float(total)
         return total, stats | {"_t_logits": t_logits}
+
+    def teacher_pass(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The teacher's penultimate features and logits on ``images`` at the chosen precision (both
+        returned in fp32, so every loss is computed in fp32); its BN taps record in fp32 too."""
+        p = self.teacher_precision
+        with p.autocast(images.device.type):
+            features, logits = self.teacher.forward_with_features(p.images(images))
+        return (features.float() if features is not None else None), logits.float()
 
 
 def balanced_classes(n: int, num_classes: int, rng: torch.Generator) -> torch.Tensor:

@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datafree.base.precision import FP32, Precision, check_precision, choose
 from datafree.base.runtime import tune_allocator
 from datafree.data.datasets import ImageSet
 
@@ -76,9 +78,9 @@ class SupervisedModule(L.LightningModule):
     """Cross-entropy training with SGD + cosine schedule, optional batched augmentation."""
 
     def __init__(self, model, lr=0.05, momentum=0.9, weight_decay=5e-4, augment=None, label_smoothing=0.0,
-                 milestones=None, nesterov=True):
+                 milestones=None, nesterov=True, layout: Precision = FP32):
         super().__init__()
-        self.model, self.augment, self.nesterov = model, augment, nesterov
+        self.model, self.augment, self.nesterov, self.layout = model, augment, nesterov, layout
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.label_smoothing, self.milestones = label_smoothing, milestones
 
@@ -87,7 +89,7 @@ class SupervisedModule(L.LightningModule):
         if self.augment is not None:
             with torch.no_grad():
                 x = self.augment(x)
-        loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        loss = F.cross_entropy(self.model(self.layout.images(x)).float(), y, label_smoothing=self.label_smoothing)
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -112,9 +114,20 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen teacher, on purpose
 
 
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+
 def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_size: int = 128, lr: float = 0.05,
-                   seed: int = 0, augment: nn.Module | None = None, progress: bool = True, on_epoch=None, **kwargs) -> nn.Module:
-    """Train ``model`` on ``data`` in place and return it; ``on_epoch(epochs_done)`` after each epoch.
+                   seed: int = 0, augment: nn.Module | None = None, progress: bool = True, on_epoch=None,
+                   accelerator: str = "cpu", devices: int = 1, precision: str | Precision = "fp32", record: dict | None = None,
+                   **kwargs) -> nn.Module:
+    """Train ``model`` on ``data`` in place and return it (on the CPU); ``on_epoch(epochs_done)`` after each epoch.
+
+    ``accelerator`` and ``devices`` go to Lightning (``auto``: a GPU when there is one).
+    ``precision`` is ``fp32``, ``bf16``, ``fp16`` (CUDA), a :class:`~datafree.base.precision.Precision`
+    chosen before, or ``auto``, which times a training step in each candidate precision and layout
+    first (:func:`~datafree.base.precision.choose`); ``record``, when given, receives what ran and
+    what was measured.
 
     Example:
         >>> fit_supervised(create_model("lenet5"), train, epochs=1, progress=False)   # doctest: +SKIP
@@ -122,12 +135,47 @@ def fit_supervised(model: nn.Module, data: ImageSet, epochs: int = 10, batch_siz
     quiet_lightning()
     tune_allocator()
     L.seed_everything(seed, workers=True, verbose=False)
-    module = SupervisedModule(model, lr=lr, augment=augment, **kwargs)
+    trainer_kwargs = dict(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
+                          enable_model_summary=False, deterministic=False)
+    device = L.Trainer(**trainer_kwargs, enable_progress_bar=False).strategy.root_device
+    chosen = training_precision(model, data, batch_size, precision, device, record)
+    module = SupervisedModule(model, lr=lr, augment=augment, layout=chosen, **kwargs)
     callbacks = [EpochHook(on_epoch)] if on_epoch else []
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress, enable_model_summary=False, deterministic=False, callbacks=callbacks)
+    trainer = L.Trainer(max_epochs=epochs, precision=LIGHTNING_PRECISION[chosen.dtype], enable_progress_bar=progress,
+                        callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, batches(data, batch_size, seed))
-    return model.eval()
+    return model.cpu().eval()
+
+
+def training_precision(model: nn.Module, data: ImageSet, batch_size: int, requested: str | Precision, device: torch.device,
+                       record: dict | None = None) -> Precision:
+    """The precision and layout a supervised training step runs fastest in on ``device`` (timed on a
+    copy of ``model`` and one batch of ``data`` for ``auto``); ``record`` receives the measurement.
+
+    Example:
+        >>> training_precision(nn.Linear(4, 2), None, 8, "fp32", torch.device("cpu"))
+        Precision(dtype='fp32', channels_last=False)
+    """
+    if isinstance(requested, Precision):
+        chosen, measured, requested = requested, {"ms": {}, "failed": {}}, requested.describe()
+    elif requested != "auto":
+        check_precision(requested, device.type)
+        chosen, measured = Precision(requested), {"requested": requested, "ms": {}, "failed": {}}
+    else:
+        probe = copy.deepcopy(model).to(device)
+        x, y = data.images[:batch_size].to(device), data.labels[:batch_size].to(device)
+
+        def step(p: Precision):
+            with p.autocast(device.type):
+                loss = F.cross_entropy(probe(p.images(x)).float(), y)
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+
+        chosen, measured = choose("auto", device, step)
+    if record is not None:
+        record.update({"requested": requested, "device": str(device), "chosen": chosen.as_dict(), "measured_ms": measured["ms"],
+                       "failed": measured["failed"]})
+    return chosen
 
 
 class EpochHook(L.Callback):

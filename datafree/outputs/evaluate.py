@@ -22,6 +22,7 @@ from datafree.base.errors import UserError
 from datafree.data.augment import ALL_FAMILIES, SiameseAugment, families_for
 from datafree.data.datasets import ImageSet
 from datafree.models.inference import accuracy
+from datafree.base.precision import Precision
 from datafree.models.training import fit_supervised
 from datafree.models.zoo import create_model, reference_padding
 
@@ -57,7 +58,8 @@ class DSATransform(nn.Module):
 
 def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models: int | None = None, epochs: int | None = None,
                  seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None,
-                 soft_labels: torch.Tensor | None = None, also: dict[str, ImageSet] | None = None) -> dict:
+                 soft_labels: torch.Tensor | None = None, also: dict[str, ImageSet] | None = None,
+                 accelerator: str = "cpu", devices: int = 1, precision: str = "fp32") -> dict:
     """Train ``models`` fresh networks on ``train`` with a named protocol (:data:`PROTOCOLS`); accuracy on ``test``.
 
     ``models`` and ``epochs`` default to the protocol's. Returns ``{"mean", "std", "accuracies",
@@ -68,7 +70,9 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     models learn them by cross-entropy to the soft targets (KD at T=1) instead of the hard labels;
     report that result beside the hard-label one, never instead of it. ``also`` names more sets
     that the same trained models are scored on (e.g. a validation split and, for the report, the
-    test set): ``result["also"][name]`` has their mean, std and accuracies.
+    test set): ``result["also"][name]`` has their mean, std and accuracies. ``accelerator``,
+    ``devices`` and ``precision`` say where and how the models train (``precision="auto"`` is
+    measured on the first model and kept for the others); the result records what ran.
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -95,13 +99,15 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
         report.update((i * epochs + done) / (models * epochs), i * epochs + done, models * epochs,
                       {"model": i + 1, **({"accuracy": accuracies[-1]} if accuracies else {})})
 
+    ran: dict = {}  # what the first model measured and chose; the others train the same way
     for i in range(models):
         torch.manual_seed(seed + i)
         model = create_model(arch, spec.num_classes, spec.channels, spec.size, **kwargs)
         fit_supervised(model, train, epochs=epochs, batch_size=PROTOCOL["batch_size"], lr=PROTOCOL["lr"], seed=seed + i,
                        augment=augment, progress=False, momentum=PROTOCOL["momentum"],
                        weight_decay=PROTOCOL["weight_decay"], milestones=[decay_after], nesterov=False,
-                       on_epoch=lambda done, i=i: epoch_done(i, done))
+                       on_epoch=lambda done, i=i: epoch_done(i, done), accelerator=accelerator, devices=devices,
+                       precision=Precision(**ran["chosen"]) if ran else precision, record=None if ran else ran)
         accuracies.append(accuracy(model, test))
         for name, data in (also or {}).items():
             also_accuracies[name].append(accuracy(model, data))
@@ -110,6 +116,7 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     return {**_summary(accuracies), **({"also": {name: _summary(a) for name, a in also_accuracies.items()}} if also else {}),
             "protocol": dict(PROTOCOL, arch=arch, arch_kwargs=kwargs, epochs=epochs, models=models, seed=seed, name=protocol,
                              decay_after_epochs=decay_after, source=named["source"], augment_families=list(augment.dsa.families),
+                             precision=ran,
                              labels="soft (the set's soft labels, cross-entropy to them)" if soft_labels is not None else "hard")}
 
 

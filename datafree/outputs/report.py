@@ -111,6 +111,12 @@ def _audit_section(run: Path) -> str:
     return _table(rows)
 
 
+def _precision_name(choice: dict | None) -> str | None:
+    if not choice:
+        return None
+    return choice.get("dtype", "fp32") + (" + channels_last" if choice.get("channels_last") else "")
+
+
 def write_report(run) -> Path:
     """Write ``report.html`` (and ``report/*.png``) for a distill or condense run folder.
 
@@ -148,6 +154,12 @@ def write_report(run) -> Path:
             accuracy += [("schedule", schedule.get("mode")), ("student steps per round", schedule.get("student_steps")),
                          ("pool size", schedule.get("pool_size"))]
             accuracy += [(f"measured {k.replace('_', ' ')}", v) for k, v in measured.items()]
+        precision = summary.get("precision") or {}
+        if precision:
+            accuracy += [(f"{who} precision (asked {precision.get('requested')}, on {precision.get('device')})",
+                          _precision_name(precision.get(who))) for who in ("teacher", "student")]
+            accuracy += [(f"measured ms per {what.replace('_', ' ')}", ", ".join(f"{k}: {v}" for k, v in ms.items()))
+                         for what, ms in (precision.get("measured_ms") or {}).items() if ms]
         final = summary.get("final_share") or {}
         if final:
             accuracy += [("student-only last share from round", final.get("round")),

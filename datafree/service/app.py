@@ -35,9 +35,11 @@ from datafree.service.routers import jobs, teachers
 from datafree.service.worker import Supervisor
 
 
-def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: int = 256, start_workers: bool = True) -> FastAPI:
-    """The application over ``store``; starts the worker supervisor unless ``start_workers`` is False."""
-    supervisor = Supervisor(store, workers)
+def create_app(store, workers: int = 1, max_upload_mb: int = 200, max_json_kb: int = 256, start_workers: bool = True,
+               device: dict | None = None) -> FastAPI:
+    """The application over ``store``; starts the worker supervisor unless ``start_workers`` is False.
+    ``device`` (``accelerator``, ``precision``) is where and how the jobs that train networks run."""
+    supervisor = Supervisor(store, workers, device=device)
     stopping = threading.Event()  # set when the server begins to stop: event streams end, so no client holds it up
 
     @contextlib.asynccontextmanager
@@ -118,7 +120,8 @@ def _stopping_server(config, stopping: threading.Event):
     return StoppingServer(config)
 
 
-def serve(host: str, port: int, store_dir, workers: int, max_upload_mb: int = 200) -> int:
+def serve(host: str, port: int, store_dir, workers: int, max_upload_mb: int = 200, accelerator: str = "auto",
+          precision: str = "auto") -> int:
     """Run the server until SIGTERM or Ctrl-C (the ``datafree serve`` command); then each running job
     saves a checkpoint and stops (it resumes on the next start), and 0 is returned.
 
@@ -136,7 +139,8 @@ def serve(host: str, port: int, store_dir, workers: int, max_upload_mb: int = 20
     token = store.ensure_token(os.environ.get("DATAFREE_TOKEN"))
     if token:
         print(f"API token (shown once; it is stored hashed): {token}", file=sys.stderr, flush=True)
-    app = create_app(store, workers=workers, max_upload_mb=max_upload_mb)
+    app = create_app(store, workers=workers, max_upload_mb=max_upload_mb,
+                     device={"accelerator": accelerator, "precision": precision})
     print(f"datafree serving on http://{host}:{port} (store {store.root}, {workers} worker(s))", file=sys.stderr, flush=True)
     # connections still open 5 s after the signal are closed: the jobs' checkpoints come first
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

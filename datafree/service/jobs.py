@@ -31,7 +31,8 @@ KINDS = ("distill", "condense", "evaluate", "audit", "export")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
 CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress",
-                          "soft_label_model"}  # a path on the server: not a client's to name
+                          "soft_label_model", "accelerator"}  # a path or the hardware of the server: not a client's to name
+DEVICE_KINDS = ("distill", "condense", "evaluate")  # the jobs that train networks: they run on the server's accelerator
 EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str, "soft_labels": bool}
 AUDIT_FIELDS = {"job": str, "real": str}
 EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
@@ -180,10 +181,33 @@ def _run_of(store, job_id: str) -> Path:
     return store.job_dir(job_id.removeprefix("job:")) / "run"
 
 
-def command_for(store, job: dict, resume: bool = False) -> list[str]:
-    """The ``datafree`` command line of a job; its output folder is the job's ``run/``."""
+def command_for(store, job: dict, resume: bool = False, device: dict | None = None) -> list[str]:
+    """The ``datafree`` command line of a job; its output folder is the job's ``run/``. ``device``
+    holds the server's ``accelerator`` and default ``precision`` (a job's own precision wins)."""
     kind, config, out = job["kind"], job["config"], store.job_dir(job["id"]) / "run"
     argv = [sys.executable, "-m", "datafree.cli"]
+    return argv + _job_arguments(store, job, kind, config, out, resume) + device_flags(kind, config, device or {})
+
+
+def device_flags(kind: str, config: dict, device: dict) -> list[str]:
+    """The server's device settings as flags for a job that trains networks (none for the others).
+
+    Example:
+        >>> device_flags("distill", {"precision": "fp32"}, {"accelerator": "gpu", "precision": "auto"})
+        ['--accelerator', 'gpu']
+        >>> device_flags("audit", {}, {"accelerator": "gpu"})
+        []
+    """
+    if kind not in DEVICE_KINDS:
+        return []
+    flags = ["--accelerator", device["accelerator"]] if device.get("accelerator") else []
+    if device.get("precision") and "precision" not in config:
+        flags += ["--precision", device["precision"]]
+    return flags
+
+
+def _job_arguments(store, job: dict, kind: str, config: dict, out: Path, resume: bool) -> list[str]:
+    argv: list[str] = []
     if kind == "distill":
         import yaml
 

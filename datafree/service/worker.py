@@ -38,9 +38,10 @@ def _die_with_parent():  # runs in the child between fork and exec
 class Supervisor(threading.Thread):
     """Polls the store for queued jobs and runs them; records how each one ended."""
 
-    def __init__(self, store, workers: int = 1, poll: float = 0.5, env: dict | None = None):
+    def __init__(self, store, workers: int = 1, poll: float = 0.5, env: dict | None = None, device: dict | None = None):
         super().__init__(daemon=True, name="datafree-supervisor")
         self.store, self.workers, self.poll = store, max(1, workers), poll
+        self.device = device or {}  # the server's accelerator and default precision for the jobs it runs
         self.env = dict(os.environ, **(env or {}))
         self.running: dict[str, subprocess.Popen] = {}
         self.stopping = threading.Event()
@@ -75,7 +76,7 @@ class Supervisor(threading.Thread):
         # starve one job almost completely (seen: 8 rounds in 25 s beside a job doing 1,700)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
         try:
-            argv = command_for(self.store, job, resume=job["resume"])
+            argv = command_for(self.store, job, resume=job["resume"], device=self.device)
             with open(folder / "log.txt", "ab") as log:
                 log.write(f"\n$ datafree {' '.join(argv[3:])}\n".encode())
                 log.flush()

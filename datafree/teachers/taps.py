@@ -44,7 +44,9 @@ class TapRecorder:
 
     def record(self, name, x, running_mean, running_var):
         dims = [0] + list(range(2, x.dim()))
-        self.taps.append(BNTap(name, x.mean(dims), x.var(dims, unbiased=False), running_mean.detach(), running_var.detach()))
+        x = x.float()  # statistics in fp32, also when the pass runs in bf16 (autocast)
+        self.taps.append(BNTap(name, x.mean(dims), x.var(dims, unbiased=False), running_mean.detach().float(),
+                               running_var.detach().float()))
 
 
 class GraphTap(nn.Module):
@@ -113,9 +115,11 @@ class BNStatistics:
         self.first_layer_weight, self.momentum = first_layer_weight, momentum
         self.previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, taps: list[BNTap]) -> tuple[torch.Tensor, list[float]]:
+    def __call__(self, taps: list[BNTap]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted total (differentiable) and each layer's loss (detached, a 1-D tensor: it
+        becomes Python floats only where it is logged, so a step does not wait for the device)."""
         if not taps:
-            return torch.zeros(()), []
+            return torch.zeros(()), torch.zeros(0)
         if self.momentum > 0:
             taps = [self._blend(t) for t in taps]
         losses = bn_layer_losses(taps)
@@ -123,7 +127,7 @@ class BNStatistics:
         firsts = {next(i for i, t in enumerate(taps) if t.member == m) for m in members}
         weights = [self.first_layer_weight if i in firsts else 1.0 for i in range(len(taps))]
         total = sum(w * l for w, l in zip(weights, losses)) / len(members)  # an ensemble: the members' mean
-        return total, [l.item() for l in losses]
+        return total, torch.stack(losses).detach()
 
     def _blend(self, tap: BNTap) -> BNTap:
         m, key = self.momentum, f"{tap.member}/{tap.name}"
