@@ -3,7 +3,7 @@ sentence and default, so the flags, YAML files and the service's requests cannot
 
 Example:
     >>> import argparse
-    >>> from datafree.condense.job import CondenseJob
+    >>> from datafree.condense.config import CondenseJob
     >>> parser = argparse.ArgumentParser()
     >>> add_config_flags(parser, CondenseJob, ["ipc", "init"])
     >>> parser.parse_args(["--ipc", "5", "--init", "noise"])
