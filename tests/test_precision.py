@@ -17,8 +17,11 @@ from generators import create_generator
 BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
 
 
-def test_choose_keeps_the_fastest_and_fp32_on_a_tie():
+def test_choose_keeps_the_fastest_and_fp32_on_a_tie(monkeypatch):
     """A candidate replaces fp32 only when it is clearly faster; one that fails is skipped and said."""
+    import datafree.base.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_usable", lambda: True)  # as on a CPU with native bf16
     def step_costs(costs):
         def step(p: Precision):
             cost = costs[p.describe()]
@@ -34,6 +37,18 @@ def test_choose_keeps_the_fastest_and_fp32_on_a_tie():
     chosen, measured = choose("auto", "cpu", step_costs(tie), repeats=2)
     assert chosen == FP32
     assert measured["failed"] == {"bf16": "no kernel for this dtype"} and "bf16 + channels_last" in measured["ms"]
+
+
+def test_a_cpu_without_fast_bf16_times_fp32_layouts_only(monkeypatch):
+    """Where a small bf16 matmul runs at under half the fp32 speed, auto does not spend the run's
+    seconds timing whole networks in bf16; asked for explicitly, bf16 still runs."""
+    import datafree.base.precision as precision
+
+    probe = precision.cpu_bf16_usable()  # the real probe, on this CPU
+    assert isinstance(probe, bool) and {"fp32_gflops", "bf16_gflops"} <= set(precision.BF16_PROBE)
+    monkeypatch.setattr(precision, "cpu_bf16_usable", lambda: False)
+    assert [p.describe() for p in candidates("auto", "cpu")] == ["fp32", "fp32 + channels_last"]
+    assert [p.dtype for p in candidates("bf16", "cpu")] == ["bf16", "bf16"]
 
 
 def test_precision_requests_a_device_cannot_run_are_one_sentence():

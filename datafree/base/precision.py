@@ -85,10 +85,41 @@ def check_precision(requested: str, device_type: str) -> None:
 
 def candidates(requested: str, device_type: str) -> list[Precision]:
     """The settings :func:`choose` times for a request: its dtype with and without channels_last
-    (``auto``: fp32 and bf16, and fp16 too on CUDA)."""
+    (``auto``: fp32 and bf16, and fp16 too on CUDA; bf16 on a CPU only where :func:`cpu_bf16_usable`).
+
+    Example:
+        >>> [p.describe() for p in candidates("bf16", "cpu")]
+        ['bf16', 'bf16 + channels_last']
+    """
     check_precision(requested, device_type)
-    dtypes = [requested] if requested != "auto" else ["fp32", "bf16"] + (["fp16"] if device_type == "cuda" else [])
+    if requested != "auto":
+        dtypes = [requested]
+    elif device_type == "cuda":
+        dtypes = ["fp32", "bf16", "fp16"]
+    else:
+        dtypes = ["fp32", "bf16"] if device_type != "cpu" or cpu_bf16_usable() else ["fp32"]
     return [Precision(d, cl) for d in dtypes for cl in (False, True)]
+
+
+_BF16_PROBE: dict = {}
+
+
+def cpu_bf16_usable() -> bool:
+    """Whether this CPU runs bf16 at least half as fast as fp32, by timing a 256 x 256 matmul in each
+    (milliseconds, once a process). Without native bf16 (AVX-512 BF16, AMX) a bf16 matmul runs at
+    about 1 GFLOP/s against 75-175 in fp32: timing whole networks in bf16 there would cost seconds of
+    a run for nothing. :data:`BF16_PROBE` keeps the figures for the records."""
+    if "usable" not in _BF16_PROBE:
+        speed = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a = torch.randn(256, 256).to(dtype)
+            speed[name] = 2 * 256 ** 3 / 1e9 / time_step(lambda: a @ a, "cpu", repeats=3)
+        _BF16_PROBE.update({f"{k}_gflops": round(v, 1) for k, v in speed.items()})
+        _BF16_PROBE["usable"] = speed["bf16"] >= 0.5 * speed["fp32"]
+    return _BF16_PROBE["usable"]
+
+
+BF16_PROBE = _BF16_PROBE  # the CPU's measured matmul speeds (set by cpu_bf16_usable)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -99,14 +130,20 @@ def synchronize(device: torch.device | str) -> None:
 
 def time_step(step, device, repeats: int = 3, give_up_above: float | None = None) -> float:
     """Median seconds of ``step()`` over ``repeats`` calls, after one warm-up call; a call slower
-    than ``give_up_above`` seconds ends the timing early (it cannot be the fastest anyway).
+    than ``give_up_above`` seconds ends the timing early (it cannot be the fastest anyway), and a
+    warm-up four times slower than that is taken as the answer (bf16 on a CPU without native bf16
+    can be 10-100x slower: one call says enough).
 
     Example:
         >>> time_step(lambda: torch.ones(8).sum(), "cpu", repeats=2) < 1.0
         True
     """
+    started = time.perf_counter()
     step()
     synchronize(device)
+    warm_up = time.perf_counter() - started
+    if give_up_above is not None and warm_up > 4 * give_up_above:
+        return warm_up
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -134,6 +171,8 @@ def choose(requested: str, device, step, repeats: int = 3) -> tuple[Precision, d
     device = torch.device(device)
     options = candidates(requested, device.type)
     measured: dict = {"requested": requested, "ms": {}, "failed": {}}
+    if requested == "auto" and device.type == "cpu" and BF16_PROBE:
+        measured["cpu_matmul_gflops"] = {k: v for k, v in BF16_PROBE.items() if k != "usable"}
     if len(options) == 1:
         return options[0], measured
     for option in options:

@@ -227,7 +227,8 @@ class DistillModule(L.LightningModule):
         return {"requested": cfg.precision, "device": str(device), "teacher": teacher_choice.as_dict(),
                 "student": student_choice.as_dict(),
                 "measured_ms": {"teacher_pass": teacher_ms["ms"], "student_step": student_ms["ms"]},
-                "failed": teacher_ms["failed"] | student_ms["failed"]}
+                "failed": teacher_ms["failed"] | student_ms["failed"],
+                **({"cpu_matmul_gflops": teacher_ms["cpu_matmul_gflops"]} if "cpu_matmul_gflops" in teacher_ms else {})}
 
     def _apply_precision(self) -> None:
         self.teacher_precision = Precision(**self.precision["teacher"])
