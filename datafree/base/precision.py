@@ -101,7 +101,7 @@ def candidates(requested: str, device_type: str) -> list[Precision]:
     return [Precision(d, cl) for d in dtypes for cl in (False, True)]
 
 
-_BF16_PROBE: dict = {}
+BF16_PROBE: dict = {}  # this CPU's measured matmul speeds, filled once a process by cpu_bf16_usable
 
 
 def cpu_bf16_usable() -> bool:
@@ -109,17 +109,14 @@ def cpu_bf16_usable() -> bool:
     (milliseconds, once a process). Without native bf16 (AVX-512 BF16, AMX) a bf16 matmul runs at
     about 1 GFLOP/s against 75-175 in fp32: timing whole networks in bf16 there would cost seconds of
     a run for nothing. :data:`BF16_PROBE` keeps the figures for the records."""
-    if "usable" not in _BF16_PROBE:
+    if "usable" not in BF16_PROBE:
         speed = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             a = torch.randn(256, 256).to(dtype)
             speed[name] = 2 * 256 ** 3 / 1e9 / time_step(lambda: a @ a, "cpu", repeats=3)
-        _BF16_PROBE.update({f"{k}_gflops": round(v, 1) for k, v in speed.items()})
-        _BF16_PROBE["usable"] = speed["bf16"] >= 0.5 * speed["fp32"]
-    return _BF16_PROBE["usable"]
-
-
-BF16_PROBE = _BF16_PROBE  # the CPU's measured matmul speeds (set by cpu_bf16_usable)
+        BF16_PROBE.update({f"{k}_gflops": round(v, 1) for k, v in speed.items()})
+        BF16_PROBE["usable"] = speed["bf16"] >= 0.5 * speed["fp32"]
+    return BF16_PROBE["usable"]
 
 
 def synchronize(device: torch.device | str) -> None:

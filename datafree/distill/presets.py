@@ -40,7 +40,11 @@ PRESETS: dict[str, dict] = {
             "student_steps": 5, "augment": False, "pool_size": 256 * 5,
             # ours: the last half trains the student only, on every synthesised batch (chosen on a
             # validation split over the seven suite teachers, BENCHMARKS.md)
-            "final_share": 0.5},
+            "final_share": 0.5,
+            # ours: synthesis batches of 64, not 256: a round costs a quarter of the teacher pass, so an
+            # expensive teacher gets more rounds (at 3 minutes, validation split: ResNet-20 +10.3, a
+            # residual GAP .pt2 +13.9, ConvNet-IN +1.3, LeNet-5 +0.0; rule bench/rules/2026-12-05-deep-teacher-rounds.txt)
+            "batch_size": 64},
     # Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion", CVPR 2020:
     # pixels optimised with BN statistics (first layer x10), CE, jitter, TV and L2, plus the adaptive
     # (ADI) competition term: JS disagreement with the student; 200 steps per batch (5 per round).
