@@ -86,11 +86,15 @@ def teacher_pass_rows(names: list[str], batch: int) -> list[dict]:
             flops = counter.get_total_flops() or None
         except Exception:  # a TorchScript teacher runs outside the dispatcher's modes
             flops = None
+        ms, failed = {}, {}
+        for dtype in ("fp32", "bf16"):  # every candidate, also those auto skips on this CPU (bf16 without native support)
+            timed = choose(dtype, "cpu", step, repeats=5)[1]
+            ms, failed = ms | timed["ms"], failed | timed["failed"]
         chosen, measured = choose("auto", "cpu", step, repeats=5)
-        ms = measured["ms"]
+        ms_auto = measured["ms"]
         rows.append({"teacher": name, "form": member["form"], "gflop_per_pass": round(flops / 1e9, 2) if flops else None,
-                     "ms": ms, "chosen": chosen.describe(), "chosen_ms": ms[chosen.describe()], "failed": measured["failed"],
-                     "chosen_gflops": round(flops / 1e9 / (ms[chosen.describe()] / 1000), 1) if flops else None})
+                     "ms": ms, "chosen": chosen.describe(), "chosen_ms": ms_auto[chosen.describe()], "failed": failed,
+                     "auto_timed": ms_auto, "chosen_gflops": round(flops / 1e9 / (ms_auto[chosen.describe()] / 1000), 1) if flops else None})
         print(f"  {name}: {ms} -> {chosen.describe()}", file=sys.stderr, flush=True)
     return rows
 
@@ -134,7 +138,10 @@ def main() -> int:
     sizes = {k: v[1] for k, v in measured_peaks.items()}
     print(f"matmul 2048 x 2048: {peaks} GFLOP/s", file=sys.stderr)
     passes = teacher_pass_rows(PASS_TEACHERS, args.batch)
-    rounds = []
+    rounds, rounds_from = [], None
+    if args.skip_rounds and Path(args.out).is_file():  # keep the rounds table of the last invocation that ran it
+        earlier = json.loads(Path(args.out).read_text())
+        rounds, rounds_from, label = earlier.get("rounds", []), earlier.get("rounds_from") or earlier.get("command"), earlier.get("baseline", label)
     if not args.skip_rounds:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ROUND_TEACHERS:
@@ -152,6 +159,8 @@ def main() -> int:
              f"Wall-clock: {time.time() - started:.0f} s. Command: `{command}`", "",
              f"Matmul peak: fp32 {peaks['fp32']} GFLOP/s ({sizes['fp32']} x {sizes['fp32']}), bf16 {peaks['bf16']} GFLOP/s "
              f"({sizes['bf16']} x {sizes['bf16']}).", "",
+             "Each setting timed (median of 5 after a warm-up); `chosen` is what `--precision auto` takes on this CPU, "
+             "timing only what it weighs here (bf16 is skipped where a small bf16 matmul runs under half the fp32 speed).", "",
              "| teacher | form | GFLOP per pass | fp32 ms | fp32 + CL ms | bf16 ms | bf16 + CL ms | chosen | GFLOP/s | % of peak |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in passes:
@@ -161,8 +170,9 @@ def main() -> int:
         lines.append(f"| {r['teacher']} | {r['form']} | {r['gflop_per_pass'] or '-'} | " + " | ".join(map(str, ms))
                      + f" | {r['chosen']} | {r['chosen_gflops'] or '-'} | {share} |")
     if rounds:
-        lines += ["", f"Rounds of `datafree distill --teacher T --time-budget {args.budget}s` (defaults), this tree against "
-                      f"{label}, one after the other:", "",
+        budget = rounds[0]["new"]["rounds_per_min"] and round(rounds[0]["new"]["rounds"] * 60 / rounds[0]["new"]["rounds_per_min"])
+        lines += ["", f"Rounds of `datafree distill --teacher T --time-budget {budget}s` (defaults), this tree against "
+                      f"{label}, one after the other" + (f" (from the invocation `{rounds_from}`)" if rounds_from else "") + ":", "",
                   "| teacher | rounds (new) | rounds (baseline) | new / baseline | precision chosen (teacher / student) |",
                   "|---|---|---|---|---|"]
         for r in rounds:
@@ -173,7 +183,7 @@ def main() -> int:
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "peaks_gflops": peaks, "teacher_pass": passes,
-                                          "rounds": rounds, "baseline": label}, indent=1))
+                                          "rounds": rounds, "rounds_from": rounds_from or command, "baseline": label}, indent=1))
     write_block(Path(args.out).stem.replace("_", "-"), table, "Throughput: precision and layout of the teacher pass, and rounds per minute")
     return 0
 
