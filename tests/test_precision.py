@@ -156,3 +156,23 @@ def test_augmentation_parameters_follow_the_images_device(family):
     x = torch.zeros(2, 1, 8, 8, device="meta")
     out = SiameseAugment(families=(family,)).apply(x, AugmentParams(family, torch.rand(4)))
     assert out.device.type == "meta" and out.shape == x.shape
+
+
+def test_a_resumed_condensation_keeps_the_precision_it_began_with(tmp_path):
+    """Timing noise must not switch the layout halfway: a resume continues as the run would have."""
+    from datafree.condense.run import MatchingRun
+    from datafree.condense.settings import CondenseSettings
+
+    def fresh_run(resume: bool):
+        syn = torch.zeros(10, 1, 8, 8, requires_grad=True)
+        return MatchingRun(CondenseSettings(ipc=1, iterations=1), lambda *a: None, torch.Generator(), syn,
+                           torch.optim.SGD([syn], lr=0.1), checkpoint=tmp_path / "condense.pt", resume=resume)
+
+    first = fresh_run(resume=False)
+    chosen, _ = first.precision(lambda: (None, {"chosen": {"dtype": "fp32", "channels_last": True}}))
+    first.end_iteration({"match_loss": 0.0})  # the last iteration: saved
+
+    def measure_again():
+        raise AssertionError("a resumed run measured its precision again")
+
+    assert fresh_run(resume=True).precision(measure_again)[0] == chosen == Precision("fp32", channels_last=True)

@@ -120,9 +120,9 @@ def _gradient_matching(source: ImageSet, s: CondenseSettings, progress, dsa: Sia
     syn.requires_grad_(True)
     per_class = s.ipc * s.factor ** 2
     syn_labels = torch.arange(k, device=syn.device).repeat_interleave(per_class)
-    precision, ran = matching_precision(source, s)
     opt_img = torch.optim.SGD([syn], lr=s.lr_images, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt_img, shards=shards, **run_kwargs)
+    precision, ran = run.precision(lambda: matching_precision(source, s))
     teacher_augment = dsa or SiameseAugment(families_for(source.name))
     outer, inner = s.loops()
     with run.saving_on_interrupt():
@@ -198,8 +198,8 @@ def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=
     syn.requires_grad_(True)
     augment = SiameseAugment(families_for(source.name))
     opt = torch.optim.SGD([syn], lr=s.extra.get("lr_dm", 1.0), momentum=0.5)
-    precision, ran = matching_precision(source, s)
     run = MatchingRun(s, progress, rng, syn, opt, method="dm", shards=shards, **run_kwargs)
+    precision, ran = run.precision(lambda: matching_precision(source, s))
     with run.saving_on_interrupt():
         while run.next_iteration():
             net = matching_net(source, s, precision)

@@ -115,10 +115,10 @@ def _pool_matching(source: ImageSet, s: CondenseSettings, progress, shards: Shar
     syn.requires_grad_(True)
     per_class = s.ipc * s.factor ** 2
     augment = SiameseAugment(families_for(source.name))
-    precision, ran = matching_precision(source, s)
-    pool = NetworkPool(source, s, augment, mine, kind=kind, precision=precision)
     opt = torch.optim.SGD([syn], lr=lr, momentum=0.5)
     run = MatchingRun(s, progress, rng, syn, opt, method=method, shards=shards, **run_kwargs)
+    precision, ran = run.precision(lambda: matching_precision(source, s))
+    pool = NetworkPool(source, s, augment, mine, kind=kind, precision=precision)
     with run.saving_on_interrupt():
         while run.next_iteration():
             net, cache = pool.at(run.iteration)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from datafree.base.errors import UserError
 from datafree.base.io import atomic_path
+from datafree.base.precision import Precision
 from datafree.condense.coreset import herding_indices, kmeans_centres
 from datafree.condense.settings import CondenseSettings
 from datafree.data.datasets import ImageSet
@@ -151,8 +152,17 @@ class MatchingRun:
         self.iteration, self.history, self.elapsed_before = 0, [], 0.0
         self.started = self.last_saved = time.monotonic()
         self.snapshot = None
+        self.precision_record: dict | None = None  # the matching network's precision, once chosen (kept by a resume)
         if resume:
             self._restore()
+
+    def precision(self, measure) -> tuple[Precision, dict]:
+        """The matching network's precision and its record: the one a resumed run began with (so that
+        it goes on exactly as it would have), else ``measure()``'s choice, the main process's for every
+        process; checkpoints carry it."""
+        if self.precision_record is None:
+            self.precision_record = self.shards.main_says(measure()[1])
+        return Precision(**self.precision_record["chosen"]), self.precision_record
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.started
@@ -205,7 +215,8 @@ class MatchingRun:
     def _state(self) -> dict:
         return {"key": json.dumps(self.key, sort_keys=True, default=str), "iteration": self.iteration,
                 "history": json.dumps(self.history), "elapsed": self.elapsed(), "syn": self.syn.detach().clone(),
-                "opt": copy.deepcopy(self.opt.state_dict()), "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state()}
+                "opt": copy.deepcopy(self.opt.state_dict()), "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "precision": json.dumps(self.precision_record)}
 
     def _restore(self) -> None:
         if self.path is None or not self.path.is_file():
@@ -224,6 +235,7 @@ class MatchingRun:
         self.rng.set_state(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.history, self.elapsed_before = state["iteration"], json.loads(state["history"]), state["elapsed"]
+        self.precision_record = json.loads(state.get("precision") or "null")  # none in an older checkpoint: measured again
         self.snapshot = state
 
 
