@@ -64,7 +64,7 @@ def _seconds(fn) -> float:
 def teacher_pass_rows(names: list[str], batch: int) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from datafree.base.precision import Precision, choose
+    from datafree.base.precision import Precision, choose, time_step
     from datafree.teachers.formats import load_teacher
 
     members, rows = suite(), []
@@ -87,9 +87,11 @@ def teacher_pass_rows(names: list[str], batch: int) -> list[dict]:
         except Exception:  # a TorchScript teacher runs outside the dispatcher's modes
             flops = None
         ms, failed = {}, {}
-        for dtype in ("fp32", "bf16"):  # every candidate, also those auto skips on this CPU (bf16 without native support)
-            timed = choose(dtype, "cpu", step, repeats=5)[1]
-            ms, failed = ms | timed["ms"], failed | timed["failed"]
+        for option in (Precision(d, cl) for d in ("fp32", "bf16") for cl in (False, True)):  # also what auto skips here
+            try:
+                ms[option.describe()] = round(1000 * time_step(lambda: step(option), "cpu", repeats=5), 2)
+            except (RuntimeError, NotImplementedError) as e:
+                failed[option.describe()] = str(e).splitlines()[0][:200]
         chosen, measured = choose("auto", "cpu", step, repeats=5)
         ms_auto = measured["ms"]
         rows.append({"teacher": name, "form": member["form"], "gflop_per_pass": round(flops / 1e9, 2) if flops else None,

@@ -622,7 +622,8 @@ RESUME_STEPS = 150
 
 def _condense_cli(source, out, *extra, env=None, preexec_fn=None):
     args = ["condense", "--source", str(source), "--ipc", "1", "--method", "dm", "--steps", str(RESUME_STEPS), "--net-width", "32",
-            "--real-per-class", "20", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress", *extra]
+            "--real-per-class", "20", "--time-budget", "10m", "--seed", "1", "--out", str(out), "--no-progress",
+            "--precision", "fp32", *extra]  # runs compared for equality: no measured layout choice
     return subprocess.Popen([sys.executable, "-m", "datafree.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
 
@@ -750,7 +751,7 @@ def test_two_gloo_processes_make_the_same_set_as_one(tiny_mnist, tmp_path, capsy
         out = tmp_path / f"d{devices}"
         args = ["condense", "--source", str(source), "--method", "dsa", "--ipc", "2", "--steps", "2", "--outer-loop", "2",
                 "--inner-loop", "1", "--net-width", "8", "--real-per-class", "8", "--devices", str(devices), "--out", str(out),
-                "--init", "real", "--no-progress"]
+                "--init", "real", "--no-progress", "--precision", "fp32"]  # equal sets: no measured layout choice
         if devices == 1:
             capsys.readouterr()
             done = subprocess.CompletedProcess(args, main(args), *capsys.readouterr())

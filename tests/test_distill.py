@@ -25,7 +25,8 @@ BN_TEACHER = str(TEACHERS / "mnist_lenet5.safetensors")
 NOBN_TEACHER = str(TEACHERS / "mnist_lenet5_nobn.safetensors")
 TINY = {"steps": 6, "batch_size": 32, "student_batch": 32, "student_steps": 2, "pool_size": 512, "eval_every": 3, "schedule": "fixed",
         "checkpoint_every": 3, "grid_every": 3, "holdout_every": 3, "generator_kwargs": {"latent_dim": 16, "width": 8},
-        "final_share": 0, "final_pool": 96}  # the student-only last share has its own tests
+        "final_share": 0, "final_pool": 96,  # the student-only last share has its own tests
+        "precision": "fp32"}  # runs compared for equality: no measured layout choice (auto has its own tests)
 
 
 def tiny_config(tmp_path, preset="fast", **overrides):

@@ -117,7 +117,7 @@ class DistillConfig:
     precision: Literal[PRECISIONS] = describe(  # type: ignore[valid-type]
         "numeric precision of the teacher's and the student's passes: auto times fp32 and bf16 (fp16 too on CUDA), each with "
         "and without channels_last, at start-up and keeps the fastest, fp32 unless another is 1.05x as fast (losses and BN "
-        "statistics stay fp32); fp32, bf16 or fp16 choose only the layout", "auto")
+        "statistics stay fp32); fp32, bf16 or fp16 run as named, untimed, so a seeded run repeats exactly", "auto")
     # scale-out, passed to Lightning
     accelerator: str = describe("passed to Lightning: auto (a GPU when there is one), cpu, gpu", "auto")
     devices: int = describe("passed to Lightning", 1, ge=1)
