@@ -82,12 +82,13 @@ def main():
             row["speed-up"] = round(system / tuned if job["read"] is None else tuned / system, 2)
             rows.append(row)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    command = f"python scripts/bench_allocator.py {' '.join(sys.argv[1:])}"
     lines = [f"Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}. Budget of the timed jobs: {args.seconds} s. "
-             f"Command: `scripts/bench_allocator.py {' '.join(sys.argv[1:])}`", "",
+             f"Command: `{command}`", "",
              "| job | measure | tuned (datafree) | glibc defaults | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {r['job']} | {r['measure']} | {r['tuned (datafree)']} | {r['glibc defaults']} | {r['speed-up']}x |" for r in rows]
     print("\n".join(lines))
-    Path(args.out).write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds,
+    Path(args.out).write_text(json.dumps({"command": command, "machine": machine, "date": time.strftime("%Y-%m-%d"), "seconds": args.seconds,
                                           "rows": rows}, indent=2) + "\n")
     write_block(Path(args.out).stem.replace("_", "-"), "\n".join(lines), "Speed on a CPU: the memory allocator")
 
