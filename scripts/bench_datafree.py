@@ -79,7 +79,7 @@ def run_task(task: dict) -> dict:
     from datafree.data.datasets import load_dataset
     from datafree.distill.job import build_student, run_distill
     from datafree.distill.module import DistillModule
-    from datafree.distill.presets import resolve_distill_config
+    from datafree.distill.presets import default_preset, resolve_distill_config
     from datafree.models.inference import accuracy
     from datafree.teachers.formats import load_model, load_teacher
 
@@ -113,6 +113,9 @@ def run_task(task: dict) -> dict:
     preset, _, variant = task["method"].partition("@")  # "dfq@fixed": the preset with a fixed schedule
     if variant:
         overrides["schedule"] = variant
+    if preset == "default":  # the preset a user gets without --preset (it depends on the teacher)
+        preset = default_preset(teacher_path, member["input_spec"])[0]
+        row["preset"] = preset
     cfg = resolve_distill_config(preset=preset, overrides=overrides)
     try:
         summary = run_distill(cfg, overwrite=True, progress=False, notify=lambda m: None)
@@ -137,7 +140,7 @@ def main():
     parser.add_argument("--suite", default=str(ROOT / "assets" / "suite" / "suite.json"))
     parser.add_argument("--teachers", help="comma-separated suite names (default: all)")
     parser.add_argument("--candidates", default="dfq,dfq@auto,fast", help="presets (PRESET@SCHEDULE for another schedule) "
-                        "the data-free signal chooses between")
+                        "the data-free signal chooses between; 'default' is the preset a user gets without --preset")
     parser.add_argument("--no-bn-candidates", default="zskd", help="further candidates for teachers without readable BN statistics")
     parser.add_argument("--bounds", default="kd-real,kd-noise", help="kd-real, kd-noise, or none")
     parser.add_argument("--budget", default="10m")
@@ -250,7 +253,7 @@ def _markdown(result) -> str:
     for r in result["rows"]:
         ca = "-" if r.get("cross_agreement") is None else r["cross_agreement"]
         t90 = "-" if r.get("seconds_to_90") is None else r["seconds_to_90"]
-        lines.append(f"| {r['teacher']} | {r['form']} | {r['teacher_acc']} | {r['method']} | {r['budget']} | {r['steps']} | "
+        lines.append(f"| {r['teacher']} | {r['form']} | {r['teacher_acc']} | {r['method'] + (' (' + r['preset'] + ')' if r.get('preset') else '')} | {r['budget']} | {r['steps']} | "
                      f"{r['seconds']} | {r['student_acc']} | {r['ratio']:.3f} | {ca} | {'yes' if r.get('chosen') else ''} | {t90} |")
     lines += ["", f"Data-free choice: the chosen method was also the best on the test set for {sel['chosen_is_test_best']} of "
               f"{sel['teachers']} teachers; Spearman rank correlation of cross-agreement with test accuracy (within each "
