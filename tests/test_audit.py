@@ -120,6 +120,15 @@ def test_export_student_handoff_package(tmp_path, capsys, monkeypatch):
     assert card["accuracy"]["teacher_agreement"] == pytest.approx(percent(predicted == taught), abs=0.01)
     assert card["latency_ms"]["batch_1"] > 0 and card["latency_ms"]["batch_64"] > 0
     _check_int8(card["int8"], out, test, program, taught)
+    # the ONNX file computes what student.pt2 computes, at any batch size, without torch
+    import onnxruntime as ort
+
+    onnx = card["onnx"]
+    assert onnx["file"] == "student.onnx" and onnx["argmax_agreement"] == 100.0 and onnx["max_abs_logit_diff"] <= 1e-4
+    assert "from the transfer set" in onnx["checked_on"] and onnx["latency_ms"]["batch_1"] > 0
+    session = ort.InferenceSession(str(out / "student.onnx"))
+    onnx_predicted = torch.cat([torch.from_numpy(session.run(None, {"images": x.numpy()})[0]) for x in pixels.split(2000)]).argmax(1)
+    assert (onnx_predicted == predicted).float().mean().item() == 1.0
     assert "MODEL_CARD" not in card["load"] and "torch.export.load" in (out / "MODEL_CARD.md").read_text()
     images = torch.rand(3, 1, 28, 28)
     scope = {"images": images}

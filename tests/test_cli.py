@@ -46,7 +46,9 @@ COMMANDS = {
     "condense": ["--source", "--ipc", "--method", "--init", "--soft-labels", "--resume", "--evaluate", "--out"],
     "evaluate-set": ["--arch", "--models", "--epochs", "--test", "--record"],
     "audit": ["--real", "--teacher", "--quantile", "--strict"],
-    "export student": ["--out", "--test", "--int8", "--overwrite"],
+    "export student": ["--out", "--test", "--int8", "--onnx", "--no-onnx", "--overwrite"],
+    "compress": ["--teacher", "--sparsity", "--target-macs", "--importance", "--time-budget", "--int8", "--onnx", "--resume",
+                 "--eval-data", "--out"],
     "serve": ["--host", "--port", "--store", "--workers", "--max-upload-mb"],
 }
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import TEACHERS
+from conftest import ROOT, TEACHERS
 
 TOKEN = "test-token-1234"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -213,6 +213,34 @@ def test_distill_job_end_to_end(server, finished_distill, tmp_path):
     program = torch.export.load(str(tmp_path / "student.pt2")).module()
     x = torch.rand(5, 1, 28, 28)
     assert torch.equal(program(x).argmax(1), model((x - 0.1307) / 0.3081).argmax(1))
+
+
+def test_compress_job_validates_then_runs(server, teacher_id):
+    """A compress job: its config in the command's words, refusals naming the field, then the handoff as artifacts."""
+    program = _upload(server.client, ROOT / "assets" / "suite" / "mnist_owner_resgap.pt2")
+    assert program.status_code == 201, program.text
+    stored = program.json()["id"]
+    for config, words in (({"teacher": stored}, f"teacher {stored!r} is a torch.export .pt2 program"),
+                          ({"teacher": teacher_id, "sparsity": 2}, "sparsity"),
+                          ({"teacher": teacher_id, "out": "/tmp"}, "'out' is set by the server"),
+                          ({"teacher": teacher_id, "sparsity": 0.5, "target_macs": "2x"}, "not both"),
+                          ({"teacher": "nope"}, "teacher")):
+        r = server.client.post("/v1/jobs", json={"kind": "compress", "config": config})
+        assert r.status_code == 422 and words in r.json()["detail"], (config, r.text)
+        assert str(server.store) not in r.text
+    schema = server.client.get("/openapi.json").json()
+    assert "compress" in json.dumps(schema)
+    r = server.client.post("/v1/jobs", json={"kind": "compress", "config": {
+        "teacher": teacher_id, "target_macs": "2x", "steps": 4, "precision": "fp32", "int8": False}})
+    assert r.status_code == 201, r.text
+    job = _wait(server.client, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    names = {a["name"] for a in server.client.get(f"/v1/jobs/{job['id']}/artifacts").json()}
+    assert {"compress.json", "COMPRESS.md", "handoff/student.onnx", "handoff/student.pt2", "pruned.safetensors"} <= names
+    assert "handoff/student_int8.pt2" not in names  # int8 off, as asked
+    summary = server.client.get(f"/v1/jobs/{job['id']}/artifacts/compress.json").json()
+    assert [row["stage"] for row in summary["stages"]] == ["teacher", "pruned", "recovered"]
+    assert summary["pruning"]["macs_ratio"] >= 2 and "test_accuracy" not in summary["stages"][0]  # no eval_data: none read
 
 
 def test_artifact_names_cannot_escape(server, finished_distill):

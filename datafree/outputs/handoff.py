@@ -4,6 +4,9 @@
 
 - ``student.safetensors`` + ``student.json`` (weights and card; load with ``datafree.teachers.formats.load_model``);
 - ``student.pt2``: a self-contained ``torch.export`` program taking [0, 1] images;
+- ``student.onnx`` (unless ``onnx=False``): the same program as ONNX, for ONNX Runtime and other
+  runtimes without torch, checked against ``student.pt2`` (largest logit difference, argmax
+  agreement and both latencies in the card);
 - ``model_card.json`` and ``MODEL_CARD.md``: architecture, size, latency on this CPU, accuracy and
   teacher agreement, how it was trained, the privacy audit when the run was audited;
 - with ``int8=True``: ``student_int8.pt2``, a ``torch.export`` program whose convolutions and linear
@@ -166,14 +169,16 @@ def _accuracy_and_agreement(model, test: ImageSet | None, teacher_logits: torch.
     return result
 
 
-def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: bool = False, overwrite: bool = False,
-                   progress: bool = False) -> dict:
+def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: bool = False, onnx: bool = True,
+                   overwrite: bool = False, progress: bool = False) -> dict:
     """Write the handoff package of the distill run folder ``run`` into ``out``; return the model card.
 
     ``test`` (real test data, for the card only) and ``teacher`` (for agreement) are optional; the
     run's own recorded figures are used when they are missing. ``int8=True`` adds
     ``student_int8.pt2``, quantised with :func:`quantize_int8` on the run's transfer set (never on
-    ``test``); it is done before anything is written, and a failure raises ``UserError``. With
+    ``test``); it is done before anything is written, and a failure raises ``UserError``. ``onnx``
+    (the default) adds ``student.onnx``, exported from ``student.pt2`` and checked against it with
+    ONNX Runtime on synthetic images (:func:`datafree.outputs.onnx.export_onnx`). With
     ``progress``, a bar counts the stages (the service's progress file follows them either way).
 
     Example:
@@ -198,8 +203,8 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         raise UserError(f"the student takes {spec.describe()} images but {test.name} is {test.spec.describe()}")
     if test is not None:
         test = ImageSet(spec.normalize(test.spec.denormalize(test.images)), test.labels, spec, name=test.name)
-    stages = Stages((["int8 quantisation"] if int8 else []) + ["program", "accuracy", "latency"] + (["int8 checks"] if int8 else []),
-                    "export", progress)
+    stages = Stages((["int8 quantisation"] if int8 else []) + ["program"] + (["onnx"] if onnx else []) + ["accuracy", "latency"]
+                    + (["int8 checks"] if int8 else []), "export", progress)
     quantized = _quantize_run(model, spec, run, card.get("arch")) if int8 else None  # before writing: no half package
     if int8:
         stages.next()
@@ -207,6 +212,12 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         shutil.copyfile(run / name, out / name)
     export_program(model, spec, out / "student.pt2", card)
     stages.next()
+    onnx_record = None
+    if onnx:
+        from datafree.outputs.onnx import export_onnx
+
+        onnx_record = export_onnx(out / "student.pt2", out / "student.onnx", check_images=_transfer_pixels(run, spec, 512))
+        stages.next()
     shape = (spec.channels, spec.size, spec.size)
     teacher_logits = None
     if test is not None and teacher is not None:  # once, for the float and the int8 model
@@ -234,6 +245,8 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         "audit": _audit_summary(run), "sha256": card.get("sha256"),
         "load": LOAD_SNIPPET.format(shape=spec.describe()),
     }
+    if onnx_record:
+        model_card["onnx"] = onnx_record
     stages.next()
     if int8:
         model_card["int8"] = _int8_variant(quantized, spec, out, run, test, teacher_logits, card)
@@ -261,6 +274,19 @@ def _quantize_run(model, spec: InputSpec, run: Path, arch) -> torch.fx.GraphModu
         raise
     except Exception as e:  # an op the quantiser or torch.export cannot handle: say so, write nothing
         raise UserError(f"int8 quantisation of the {arch} student failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from e
+
+
+def _transfer_pixels(run: Path, spec: InputSpec, count: int) -> torch.Tensor | None:
+    """Up to ``count`` of the run's transfer images as [0, 1] pixels (None when the run kept none)."""
+    from datafree.data.datasets import load_transfer_set
+
+    try:
+        transfer, _ = load_transfer_set(run)
+    except UserError:
+        return None
+    if (transfer.spec.channels, transfer.spec.size) != (spec.channels, spec.size):
+        return None
+    return transfer.spec.denormalize(transfer.images[:count]).clamp(0, 1)
 
 
 def _program_figures(program, pixels: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
@@ -358,6 +384,15 @@ def render_card(card: dict) -> str:
              f"- Accuracy: {json.dumps(acc)}", f"- Training: {json.dumps(card['training'])}",
              f"- Privacy audit: {json.dumps(card['audit']) if card['audit'] else 'not audited'}"]
     lines += ["", "## Load it", "", "```python", card["load"], "```", ""]
+    if "onnx" in card:
+        o = card["onnx"]
+        lines += [f"## ONNX (`{o['file']}`)", "",
+                  f"Exported from `{o['exported_from']}` with a dynamic batch axis (opset {o['opset']}, {o['bytes']:,} bytes); "
+                  f"checked with {o['runtime']} on {o['checked_on']}: argmax agreement {o['argmax_agreement']}%, "
+                  f"largest logit difference {o['max_abs_logit_diff']:g}.", "",
+                  "| latency (ms) | `student.pt2` (torch) | `student.onnx` (ONNX Runtime) |", "|---|---|---|",
+                  *[f"| {k.replace('_', ' ')} | {o['pt2_latency_ms'][k]} | {o['latency_ms'][k]} |" for k in o["latency_ms"]], "",
+                  "```python", o["load"], "```", ""]
     if "int8" in card:
         q = card["int8"]
         acc, facc = q["accuracy"] or {}, q["float_accuracy"] or {}

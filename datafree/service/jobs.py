@@ -8,7 +8,10 @@ Kinds and their config (JSON):
   :class:`datafree.condense.config.CondenseJob` that a client may set (:func:`condense_fields`);
 - ``evaluate``: ``{"job": CONDENSE_JOB_ID, "arch", "models", "epochs", "test", "protocol"}``;
 - ``audit``: ``{"job": DISTILL_OR_CONDENSE_JOB_ID, "real": "mnist" | null}``;
-- ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "test": "mnist" | null}``.
+- ``export``: ``{"job": DISTILL_JOB_ID, "int8": false, "onnx": true, "test": "mnist" | null}``;
+- ``compress``: ``{"teacher": TEACHER_ID, ...}`` and the other fields of
+  :class:`datafree.compress.config.CompressConfig` a client may set (pruning target, importance,
+  time budget, int8, onnx, eval_data).
 
 Clients name stored teachers, finished jobs and data sets by name, never server paths.
 
@@ -27,15 +30,16 @@ from pathlib import Path
 
 from datafree.base.errors import UserError
 
-KINDS = ("distill", "condense", "evaluate", "audit", "export")
+KINDS = ("distill", "condense", "evaluate", "audit", "export", "compress")
 CLIENT_BLOCKED = {"out", "data_dir", "teacher_input_spec", "accelerator", "devices", "num_nodes", "strategy"}
 
 CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes", "strategy", "resume", "overwrite", "progress",
                           "soft_label_model", "accelerator"}  # a path or the hardware of the server: not a client's to name
-DEVICE_KINDS = ("distill", "condense", "evaluate")  # the jobs that train networks: they run on the server's accelerator
+DEVICE_KINDS = ("distill", "condense", "evaluate", "compress")  # the jobs that train networks: they run on the server's accelerator
 EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str, "soft_labels": bool}
 AUDIT_FIELDS = {"job": str, "real": str}
-EXPORT_FIELDS = {"job": str, "int8": bool, "test": str}
+EXPORT_FIELDS = {"job": str, "int8": bool, "onnx": bool, "test": str}
+COMPRESS_SERVER_FIELDS = {"out", "data_dir", "accelerator"}  # a path or the server's hardware
 
 
 def condense_fields() -> list[str]:
@@ -55,6 +59,7 @@ def config_schemas() -> dict:
     """
     from pydantic import TypeAdapter
 
+    from datafree.compress.config import CompressConfig
     from datafree.condense.config import CondenseJob
     from datafree.distill.config import DistillConfig
 
@@ -65,7 +70,7 @@ def config_schemas() -> dict:
         return schema
 
     words = {str: "string", int: "integer", bool: "boolean"}
-    plain = lambda fields, required=(): {"type": "object", "additionalProperties": False, "required": list(required),  # noqa: E731
+    plain = lambda fields, required=(): {"type": "object", "additionalProperties": False, "required": list(required),
                                          "properties": {k: {"type": words[t]} for k, t in fields.items()}}
     return {
         "distill": typed(DistillConfig, CLIENT_BLOCKED | {"preset_note"},
@@ -77,6 +82,9 @@ def config_schemas() -> dict:
                                       "description": "a data set name, or job:ID of a finished distill job (data-free)"}}),
         "evaluate": plain(EVALUATE_FIELDS, ("job",)), "audit": plain(AUDIT_FIELDS, ("job",)),
         "export": plain(EXPORT_FIELDS, ("job",)),
+        "compress": typed(CompressConfig, COMPRESS_SERVER_FIELDS,
+                          {"teacher": {"type": "string", "description": "id of an uploaded teacher (GET /v1/teachers): "
+                                                                        "safetensors with its card; .pt2 and TorchScript cannot be pruned"}}),
     }
 
 
@@ -154,6 +162,8 @@ def validate_job(store, kind: str, config: dict) -> dict:
             _data_name(source, "source")
         _data_name(config.get("test"), "test")
         return config
+    if kind == "compress":
+        return _validate_compress(store, config)
     if kind == "evaluate":
         config = _check_fields(config, EVALUATE_FIELDS, ("job",))
         _finished_job(store, config["job"], ("condense",))
@@ -175,6 +185,28 @@ def validate_job(store, kind: str, config: dict) -> dict:
     _finished_job(store, config["job"], ("distill",))
     _data_name(config.get("test"), "test")
     return config
+
+
+def _validate_compress(store, config: dict) -> dict:
+    from datafree.compress.config import compress_config
+    from datafree.compress.job import check_prunable
+
+    if not isinstance(config, dict):
+        raise UserError("config must be a JSON object")
+    blocked = sorted(set(config) & COMPRESS_SERVER_FIELDS)
+    if blocked:
+        raise UserError(f"config field {blocked[0]!r} is set by the server, not by a job")
+    teacher = store.teacher(config["teacher"]) if isinstance(config.get("teacher"), str) else None
+    if teacher is None:
+        raise UserError(f"config field 'teacher': no uploaded teacher {config.get('teacher')!r} (see GET /v1/teachers)")
+    path = store.teacher_dir(teacher["id"]) / teacher["file"]
+    try:
+        check_prunable(path)
+    except UserError as e:  # the sentence names the stored teacher, not its path on the server
+        raise UserError(str(e).replace(repr(str(path)), f"teacher {teacher['id']!r}")) from None
+    _data_name(config.get("eval_data"), "eval_data")
+    compress_config(dict(config, teacher="stored"))  # the command line's typed config: types, ranges, choices, in its words
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def _run_of(store, job_id: str) -> Path:
@@ -246,9 +278,21 @@ def _job_arguments(store, job: dict, kind: str, config: dict, out: Path, resume:
         out.mkdir(parents=True, exist_ok=True)
         argv += ["audit", str(_run_of(store, config["job"])), "--out", str(out / "audit.json"), "--no-progress"]
         return argv + (["--real", config["real"]] if config.get("real") else [])
+    if kind == "compress":
+        teacher = store.teacher(config["teacher"])
+        argv += ["compress", "--teacher", str(store.teacher_dir(teacher["id"]) / teacher["file"]), "--out", str(out), "--no-progress"]
+        for key, value in config.items():
+            if key != "teacher":
+                flag = "--" + key.replace("_", "-")
+                argv += [flag] if value is True else ["--no-" + key.replace("_", "-")] if value is False else [flag, str(value)]
+        if "eval_data" not in config:
+            argv += ["--no-eval"]
+        return argv + (["--resume"] if resume else [])
     argv += ["export", "student", str(_run_of(store, config["job"])), "--out", str(out), "--no-progress"]
     if config.get("int8"):
         argv.append("--int8")
+    if config.get("onnx") is False:
+        argv.append("--no-onnx")
     return argv + (["--test", config["test"]] if config.get("test") else [])
 
 
@@ -259,4 +303,6 @@ def resumable(store, job: dict) -> bool:
         return (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
     if job["kind"] == "condense":
         return (run / "checkpoints" / "condense.pt").is_file()
+    if job["kind"] == "compress":
+        return (run / "pruned.safetensors").is_file() and (run / "recovery" / "checkpoints" / "last.ckpt").is_file()
     return False

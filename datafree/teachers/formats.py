@@ -31,6 +31,7 @@ from torch import nn
 from datafree.base.errors import UserError
 from datafree.base.io import load_tensors, save_tensors, sha256_file, write_json
 from datafree.data.datasets import InputSpec, dataset_spec
+from datafree.models.structure import apply_layer_shapes, layer_shapes
 from datafree.models.zoo import Classifier, count_parameters, create_model
 from datafree.teachers.taps import GraphTap, TapRecorder
 from datafree.teachers.teacher import Teacher
@@ -48,10 +49,13 @@ def save_model(model: Classifier, path, arch: str, spec: InputSpec, arch_kwargs:
         'lenet5'
     """
     path = Path(path)
-    save_tensors(path, model.state_dict(), metadata={"format": CARD_FORMAT, "arch": arch})
     card = {"format": CARD_FORMAT, "arch": arch, "arch_kwargs": arch_kwargs or {}, "num_classes": spec.num_classes,
-            "input_spec": spec.to_dict(), "parameters": count_parameters(model), **card_fields,
-            "sha256": sha256_file(path)}
+            "input_spec": spec.to_dict(), "parameters": count_parameters(model)}
+    shapes = layer_shapes(model, build_from_card(card)[0])  # a pruned model: the layer sizes that differ from the arch's
+    if shapes:
+        card["layer_shapes"] = shapes
+    save_tensors(path, model.state_dict(), metadata={"format": CARD_FORMAT, "arch": arch})
+    card |= {**card_fields, "sha256": sha256_file(path)}
     write_json(path.with_suffix(".json"), card)
     return card
 
@@ -87,6 +91,8 @@ def load_model(path, arch: str | None = None, spec: InputSpec | None = None) -> 
     if card.get("sha256") and card["sha256"] != sha256_file(path):
         raise UserError(f"{str(path)!r} does not match the sha256 in its card: the weights were changed or damaged")
     model, _ = build_from_card(card)
+    if card.get("layer_shapes"):  # a pruned model: its layers are smaller than the architecture's
+        apply_layer_shapes(model, card["layer_shapes"], tensors)
     missing, unexpected = _state_mismatch(model, tensors)
     if missing or unexpected:
         raise UserError(f"the weights in {str(path)!r} do not fit the architecture {card['arch']!r} "
