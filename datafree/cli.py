@@ -48,6 +48,15 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                         "(needs the network; the same as DATAFREE_DOWNLOAD=1)")
 
 
+def _add_run_options(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--no-eval``, the data options, ``--resume``, ``--overwrite`` and ``--no-progress``: a job that trains from a teacher."""
+    p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
+    _add_data_options(p)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
 @contextlib.contextmanager
 def _downloads(allowed: bool):
     """``--download``: DATAFREE_DOWNLOAD=1 while the command runs, so every data set it loads may be fetched.
@@ -471,11 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                      notes={"teacher": f"default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)}",
                             "preset": f"default: {DistillConfig.preset} for a teacher with BN statistics, {NO_BN_PRESET} for one without"})
     p.add_argument("--config", help="YAML file of config fields (any field of the distill config; flags override it)")
-    p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
-    _add_data_options(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_options(p, "continue the run in --out from its last checkpoint")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("compress", help="prune a teacher, recover it by data-free distillation, quantise to int8 (no data)",
@@ -484,11 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stage table in OUT/COMPRESS.md. With no arguments: the shipped MNIST teacher, 2x fewer MACs.")
     add_config_flags(p, CompressConfig, [f for f in COMPRESS_FIELDS if f != "data_dir"],
                      notes={"teacher": f"default: {DEFAULT_TEACHER.relative_to(ASSETS.parent)}"})
-    p.add_argument("--no-eval", action="store_true", help="do not measure real test accuracy at the end")
-    _add_data_options(p)
-    p.add_argument("--resume", action="store_true", help="continue the recovery of the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out")
-    p.add_argument("--no-progress", action="store_true")
+    _add_run_options(p, "continue the recovery of the run in --out from its checkpoint")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("condense", help="condense a data set (or a distill run's transfer set) to a few images per class")

@@ -143,20 +143,19 @@ def main():
 
     torch.set_num_threads(args.threads)
     started = time.time()
-    rows = []
+    result = {"command": " ".join(["python", *sys.argv]),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "rows": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in args.teachers.split(","):
         for reduction in args.reductions.split(","):
             row = run_row(name, reduction, args.budget, args.seed)
-            rows.append(row)
+            result["rows"].append(row)
+            result["wall_clock_s"] = round(time.time() - started)
+            Path(args.out).write_text(json.dumps(result, indent=2))  # after every row: a stopped run keeps what it measured
             a = row["accuracy"]
             print(f"{name:<16} {reduction:>4} floor {a['floor']:>6} scratch {a['scratch']:>6} compress {a['compress']:>6} "
                   f"int8 {a['int8']:>6} (teacher {a['teacher']})", flush=True)
-    result = {"command": " ".join(["python", *sys.argv]),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "wall_clock_s": round(time.time() - started),
-              "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
     if not args.no_markdown:
         sys.path.insert(0, str(ROOT / "scripts"))

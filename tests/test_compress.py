@@ -28,7 +28,7 @@ def _with_bn_statistics(model):
                                           ("convnet", {"width": 16, "norm": "instance"})])
 def test_pruning_halves_channels_keeps_classes_and_the_original(arch, kwargs):
     """sparsity 0.5 removes half of every hidden layer's channels (residual adds and instance norm stay consistent),
-    the head keeps its 10 classes, MACs fall about 4x, and the model handed in is untouched."""
+    the head keeps its 10 classes, MACs fall 3-4x, and the model handed in is untouched."""
     model = _with_bn_statistics(create_model(arch, **kwargs))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pruned = prune_model(model, SHAPE, sparsity=0.5)
@@ -38,19 +38,20 @@ def test_pruning_halves_channels_keeps_classes_and_the_original(arch, kwargs):
     assert convs[0][1].in_channels == 1 and pruned.head.out_features == 10
     assert pruned(torch.randn(3, *SHAPE)).shape == (3, 10)
     ratio = count_macs(model, SHAPE) / count_macs(pruned, SHAPE)
-    assert 3.0 < ratio < 5.0, ratio
+    assert 2.5 < ratio < 5.0, ratio  # the first layer keeps its one input channel
     # pruning copies the kept channels' weights: the first convolution's surviving filters are the teacher's own
     first, kept = convs[0]
     assert all(any(torch.equal(w, v) for v in first.weight) for w in kept.weight)
 
 
-def test_a_macs_target_is_met_without_overshooting():
-    model = _with_bn_statistics(create_model("resnet8", in_channels=1))
+@pytest.mark.parametrize("arch, kwargs", [("resnet8", {"in_channels": 1}), ("convnet", {"width": 16, "norm": "instance"})])
+def test_a_macs_target_is_met_without_overshooting(arch, kwargs):
+    model = _with_bn_statistics(create_model(arch, **kwargs))
     teacher_macs = count_macs(model, SHAPE)
     for factor in (2, 4):
         target = parse_macs_target(f"{factor}x", teacher_macs)
         macs = count_macs(prune_model(model, SHAPE, target_macs=target), SHAPE)
-        assert 0.8 * target < macs <= target, (factor, macs, target)
+        assert 0.75 * target < macs <= target, (factor, macs, target)  # whole channels: small layers move in steps
 
 
 def test_taylor_importance_uses_synthetic_batches_and_differs_from_magnitude():
@@ -70,12 +71,12 @@ def test_taylor_importance_uses_synthetic_batches_and_differs_from_magnitude():
 def test_a_pruned_model_saves_and_loads_with_its_layer_sizes(tmp_path):
     model = _with_bn_statistics(create_model("resnet8", in_channels=1))
     pruned = prune_model(model, SHAPE, sparsity=0.25).eval()
-    card = save_model(pruned, tmp_path / "p.safetensors", "resnet8", dataset_spec("mnist"), {"in_channels": 1})
+    card = save_model(pruned, tmp_path / "p.safetensors", "resnet8", dataset_spec("mnist"))
     assert card["layer_shapes"]["stem.0"] == {"out_channels": 12} and "head" in card["layer_shapes"]
     loaded, _ = load_model(tmp_path / "p.safetensors")
     x = torch.randn(4, *SHAPE)
     assert torch.equal(loaded.eval()(x), pruned(x))
-    assert "layer_shapes" not in save_model(model, tmp_path / "m.safetensors", "resnet8", dataset_spec("mnist"), {"in_channels": 1})
+    assert "layer_shapes" not in save_model(model, tmp_path / "m.safetensors", "resnet8", dataset_spec("mnist"))
     # a card that sets anything but a layer size is refused in one sentence
     bad = dict(card, layer_shapes={"stem.0": {"padding": 3}})
     bad.pop("sha256")
@@ -118,7 +119,7 @@ def test_compress_end_to_end_reads_real_data_only_after_every_stage(tmp_path, mo
         return original(*args, **kwargs)
 
     monkeypatch.setattr(datasets, "load_dataset", watched)
-    assert main(["compress", "--teacher", str(TEACHERS / "mnist_lenet5.safetensors"), "--target-macs", "2x", "--steps", "6",
+    assert main(["compress", "--teacher", str(TEACHERS / "mnist_lenet5.safetensors"), "--target-macs", "2x", "--steps", "24",
                  "--precision", "fp32", "--eval-data", "mnist", "--out", str(out), "--no-progress"]) == 0
     assert loads == [True]  # one load, after the handoff was complete
     summary = json.loads((out / "compress.json").read_text())
@@ -128,7 +129,7 @@ def test_compress_end_to_end_reads_real_data_only_after_every_stage(tmp_path, mo
     assert rows["pruned"]["macs"] <= teacher_macs / 2 and rows["recovered"]["macs"] == rows["pruned"]["macs"]
     assert rows["recovered"]["parameters"] < rows["teacher"]["parameters"]
     assert rows["teacher"]["holdout_agreement"] == 100.0 and rows["teacher"]["test_accuracy"] > 98
-    assert rows["int8"]["file_bytes"] < rows["recovered"]["file_bytes"]
+    assert rows["int8"]["weight_bytes"] * 3 < rows["recovered"]["weight_bytes"] < rows["teacher"]["weight_bytes"]
     assert all(r["latency_ms"]["batch_1"] > 0 for r in rows.values())
     recovered, card = load_model(out / "recovery" / "student.safetensors")
     assert card["arch"] == "lenet5" and card["layer_shapes"] and recovered.head.out_features == 10

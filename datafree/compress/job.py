@@ -17,7 +17,7 @@ Three stages, each a piece the project already has or a maintained library:
     handoff/                          student.safetensors, student.pt2, student_int8.pt2, student.onnx, MODEL_CARD.md
     compress.json, COMPRESS.md        one row per stage: teacher, pruned, recovered, int8
 
-The stage table gives parameters, MACs, file size, latency on this CPU and agreement with the
+The stage table gives parameters, MACs, weight and file bytes, latency on this CPU and agreement with the
 teacher on the recovery's held-out synthetic samples; real test accuracy only when evaluation data
 is given, read after every stage is done. Nothing before that reads real data.
 
@@ -183,7 +183,7 @@ def stage_table(cfg: CompressConfig, out: Path, teacher_model, spec) -> list[dic
     from datafree.compress.prune import count_macs
     from datafree.models.zoo import count_parameters
     from datafree.outputs.export import PixelModel
-    from datafree.outputs.handoff import compare_latency
+    from datafree.outputs.handoff import compare_latency, program_tensor_bytes
     from datafree.teachers.formats import load_model
 
     shape = (spec.channels, spec.size, spec.size)
@@ -196,8 +196,8 @@ def stage_table(cfg: CompressConfig, out: Path, teacher_model, spec) -> list[dic
     if int8_path.is_file():
         import torch.ao.quantization.fx._decomposed
 
-        programs["int8"] = torch.export.load(str(int8_path)).module()
-        files["int8"] = int8_path
+        int8_program = torch.export.load(str(int8_path))
+        programs["int8"], files["int8"] = int8_program.module(), int8_path
     held = load_tensors(out / "recovery" / "holdout.safetensors")
     held_pixels = spec.denormalize(held["images"]).clamp(0, 1)  # every stage sees the same [0, 1] images
     teacher_classes = _predict(programs["teacher"], held_pixels)
@@ -208,12 +208,18 @@ def stage_table(cfg: CompressConfig, out: Path, teacher_model, spec) -> list[dic
         float_model = floats.get(name, recovered)  # int8 keeps the recovered model's layers and MACs
         predicted = _predict(program, held_pixels)
         row = {"stage": name, "parameters": count_parameters(float_model), "macs": count_macs(float_model, shape),
-               "file_bytes": files[name].stat().st_size, "latency_ms": {f"batch_{b}": latency[b][name] for b in latency},
-               "holdout_agreement": round((predicted == teacher_classes).float().mean().item() * 100, 2)}
+               "file_bytes": files[name].stat().st_size,
+               "weight_bytes": program_tensor_bytes(int8_program) if name == "int8" else _tensor_bytes(float_model),
+               "latency_ms": {f"batch_{b}": latency[b][name] for b in latency},
+               "holdout_agreement": round((predicted == teacher_classes).float().mean().item() * 100, 2) if len(predicted) else None}
         if test is not None:
             row["test_accuracy"] = round((_predict(program, test[0]) == test[1]).float().mean().item() * 100, 2)
         rows.append(row)
     return rows
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def _predict(program, pixels: torch.Tensor) -> torch.Tensor:
@@ -242,11 +248,11 @@ def render_stages(summary: dict) -> str:
              f"{prune['macs_ratio']}x fewer MACs. Recovered by data-free distillation from the original teacher "
              f"({recovery['preset']} preset, {recovery['steps']} rounds in {recovery['seconds']} s, student chosen at round "
              f"{recovery['selected_step']} by held-out synthetic agreement). Machine: {summary['machine']}.", "",
-             "| stage | parameters | MACs | file bytes | latency ms (batch 1 / 64) | teacher agreement, held-out synthetic % |"
-             + (" test accuracy % |" if has_test else ""),
-             "|---|---|---|---|---|---|" + ("---|" if has_test else "")]
+             "| stage | parameters | MACs | weight bytes | file bytes | latency ms (batch 1 / 64) | "
+             "teacher agreement, held-out synthetic % |" + (" test accuracy % |" if has_test else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if has_test else "")]
     for r in stages:
-        lines.append(f"| {r['stage']} | {r['parameters']:,} | {r['macs']:,} | {r['file_bytes']:,} | "
+        lines.append(f"| {r['stage']} | {r['parameters']:,} | {r['macs']:,} | {r['weight_bytes']:,} | {r['file_bytes']:,} | "
                      f"{r['latency_ms']['batch_1']} / {r['latency_ms']['batch_64']} | {r['holdout_agreement']} |"
                      + (f" {r.get('test_accuracy', '-')} |" if has_test else ""))
     lines += ["", "Latencies: every stage as a program taking [0, 1] images, timed in turns in one run (the int8 "

@@ -34,7 +34,7 @@ from datafree.base.errors import UserError
 
 IMPORTANCES = ("magnitude", "taylor")
 MAX_PRUNING_RATIO = 0.95  # the most of any layer's channels that pruning to a MACs target may remove
-TARGET_STEPS = 40  # pruning to a MACs target removes channels in this many small steps, checking MACs after each
+BISECTION_STEPS = 12  # pruning to a MACs target: the share of channels removed is found to 0.95 / 2**12
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
@@ -127,15 +127,13 @@ def prune_model(model: nn.Module, input_shape: tuple[int, int, int], sparsity: f
                 target_macs: int | None = None, importance: str = "magnitude",
                 batches: torch.Tensor | None = None) -> nn.Module:
     """A pruned copy of ``model`` (a zoo classifier): every layer loses ``sparsity`` of its channels,
-    or channels go in small uniform steps until the MACs are at most ``target_macs``. The head keeps
-    every class; ``model`` itself is left as it was. ``taylor`` importance needs ``batches`` (images
-    in the model's input space, e.g. from :func:`synthetic_batches`).
+    or, for ``target_macs``, the smallest such share (found by bisection) whose MACs are at most the
+    target. The head keeps every class; ``model`` itself is left as it was. ``taylor`` importance
+    needs ``batches`` (images in the model's input space, e.g. from :func:`synthetic_batches`).
 
     Example:
         >>> pruned = prune_model(model, (1, 28, 28), sparsity=0.5)   # doctest: +SKIP
     """
-    import torch_pruning as tp
-
     if (sparsity is None) == (target_macs is None):
         raise UserError("give either a sparsity or a target MACs count, not both")
     if sparsity is not None and not 0 < sparsity < 1:
@@ -146,29 +144,68 @@ def prune_model(model: nn.Module, input_shape: tuple[int, int, int], sparsity: f
         raise UserError("taylor importance needs synthetic batches to take gradients on")
     if not isinstance(getattr(model, "head", None), nn.Linear):
         raise UserError("only zoo classifiers (a model with a linear head) can be pruned")
+    if sparsity is not None:
+        return _prune_once(model, input_shape, sparsity, importance, batches)
+    low, high = 0.0, MAX_PRUNING_RATIO
+    best = _prune_once(model, input_shape, high, importance, batches)
+    if count_macs(best, input_shape) > target_macs:
+        raise UserError(f"cannot reach {target_macs:,} MACs: removing {MAX_PRUNING_RATIO:.0%} of every layer's channels "
+                        f"leaves {count_macs(best, input_shape):,}")
+    for _ in range(BISECTION_STEPS):  # channel counts are whole numbers: MACs fall in steps as the share grows
+        middle = (low + high) / 2
+        candidate = _prune_once(model, input_shape, middle, importance, batches)
+        if count_macs(candidate, input_shape) <= target_macs:
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best
+
+
+def _prune_once(model: nn.Module, input_shape: tuple[int, int, int], ratio: float, importance: str,
+                batches: torch.Tensor | None) -> nn.Module:
+    """A copy of ``model`` with ``ratio`` of every layer's channels removed by Torch-Pruning, in one step."""
+    import torch_pruning as tp
+
     pruned = copy.deepcopy(model).eval()
-    per_channel_norms = [m for m in pruned.modules() if isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels]
     scorer = tp.importance.GroupTaylorImportance() if importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
-    steps = 1 if sparsity is not None else TARGET_STEPS
-    pruner = tp.pruner.BasePruner(pruned, torch.zeros(1, *input_shape), importance=scorer,
-                                  pruning_ratio=sparsity if sparsity is not None else MAX_PRUNING_RATIO,
-                                  iterative_steps=steps, ignored_layers=[pruned.head])
-    for _ in range(steps):
-        if importance == "taylor":
-            _taylor_gradients(pruned, batches)
-        pruner.step()
-        for norm in per_channel_norms:  # instance norm as GroupNorm: one group per remaining channel
-            norm.num_groups = norm.num_channels
-        if target_macs is not None and count_macs(pruned, input_shape) <= target_macs:
-            break
-    else:
-        if target_macs is not None:
-            raise UserError(f"cannot reach {target_macs:,} MACs: removing {MAX_PRUNING_RATIO:.0%} of every layer's channels "
-                            f"leaves {count_macs(pruned, input_shape):,}")
+    # every layer keeps at least one channel (the library skips a layer it would empty, so MACs would jump back up)
+    widths = {m: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features for m in pruned.modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and m is not pruned.head}
+    ratios = {m: max(0.0, min(ratio, 1 - 1.5 / width)) for m, width in widths.items()}
+    pruner = tp.pruner.BasePruner(pruned, torch.zeros(1, *input_shape), importance=scorer, pruning_ratio=ratio,
+                                  pruning_ratio_dict=ratios, ignored_layers=[pruned.head],
+                                  customized_pruners={nn.GroupNorm: _group_norm_pruner()})
+    if importance == "taylor":
+        _taylor_gradients(pruned, batches)
+    pruner.step()
     pruned.zero_grad(set_to_none=True)
     for p in pruned.parameters():
         p.requires_grad_(True)
     return pruned
+
+
+def _group_norm_pruner():
+    """Torch-Pruning's GroupNorm pruner, except that a GroupNorm with one group per channel (instance
+    norm, as the condensation ConvNet has it) loses channels freely and keeps one group per channel
+    (the library would prune within each one-channel group: nothing)."""
+    from torch_pruning.pruner.function import GroupNormPruner
+
+    class PerChannelGroupNormPruner(GroupNormPruner):
+        def prune_out_channels(self, layer: nn.GroupNorm, idxs):
+            per_channel = layer.num_groups == layer.num_channels
+            layer = super().prune_out_channels(layer, idxs)
+            if per_channel:
+                layer.num_groups = layer.num_channels
+            return layer
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channel_groups(self, layer: nn.GroupNorm) -> int:
+            return 1 if layer.num_groups == layer.num_channels else layer.num_groups
+
+        get_in_channel_groups = get_out_channel_groups
+
+    return PerChannelGroupNormPruner()
 
 
 def _taylor_gradients(model: nn.Module, batches: torch.Tensor) -> None:

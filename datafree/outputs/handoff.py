@@ -216,7 +216,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
     if onnx:
         from datafree.outputs.onnx import export_onnx
 
-        onnx_record = export_onnx(out / "student.pt2", out / "student.onnx", check_images=_transfer_pixels(run, spec, 512))
+        onnx_record = export_onnx(out / "student.pt2", out / "student.onnx", check_images=transfer_pixels(run, spec, 512))
         stages.next()
     shape = (spec.channels, spec.size, spec.size)
     teacher_logits = None
@@ -262,12 +262,7 @@ CALIBRATION_IMAGES = 2048  # at most, from the run's transfer set
 
 def _quantize_run(model, spec: InputSpec, run: Path, arch) -> torch.fx.GraphModule:
     """:func:`quantize_int8` calibrated on (up to ``CALIBRATION_IMAGES`` of) the run's transfer set; any failure is a UserError."""
-    from datafree.data.datasets import load_transfer_set
-
-    transfer, _ = load_transfer_set(run)
-    if (transfer.spec.channels, transfer.spec.size) != (spec.channels, spec.size):
-        raise UserError(f"the transfer set of {str(run)!r} holds {transfer.spec.describe()} images but the student takes {spec.describe()}")
-    pixels = transfer.spec.denormalize(transfer.images[:CALIBRATION_IMAGES]).clamp(0, 1)  # the program's input domain
+    pixels = transfer_pixels(run, spec, CALIBRATION_IMAGES)
     try:
         return quantize_int8(model, spec, pixels)
     except UserError:
@@ -276,16 +271,18 @@ def _quantize_run(model, spec: InputSpec, run: Path, arch) -> torch.fx.GraphModu
         raise UserError(f"int8 quantisation of the {arch} student failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from e
 
 
-def _transfer_pixels(run: Path, spec: InputSpec, count: int) -> torch.Tensor | None:
-    """Up to ``count`` of the run's transfer images as [0, 1] pixels (None when the run kept none)."""
+def transfer_pixels(run: Path, spec: InputSpec, count: int) -> torch.Tensor:
+    """Up to ``count`` of the run's transfer images as [0, 1] pixels, the programs' input domain.
+
+    Example:
+        >>> transfer_pixels(Path("runs/distill"), spec, 512).shape   # doctest: +SKIP
+        torch.Size([512, 1, 28, 28])
+    """
     from datafree.data.datasets import load_transfer_set
 
-    try:
-        transfer, _ = load_transfer_set(run)
-    except UserError:
-        return None
+    transfer, _ = load_transfer_set(run)
     if (transfer.spec.channels, transfer.spec.size) != (spec.channels, spec.size):
-        return None
+        raise UserError(f"the transfer set of {str(run)!r} holds {transfer.spec.describe()} images but the student takes {spec.describe()}")
     return transfer.spec.denormalize(transfer.images[:count]).clamp(0, 1)
 
 
