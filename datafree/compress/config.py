@@ -43,6 +43,9 @@ class CompressConfig:
     importance: Literal[IMPORTANCES] = describe(  # type: ignore[valid-type]
         "which channels go: magnitude (L2 norm of each coupled group's weights) or taylor (first-order Taylor on "
         "synthetic batches made from noise against the teacher; no real data)", "magnitude")
+    recalibrate_bn: bool = describe("re-estimate the pruned network's BatchNorm statistics on synthetic images made from "
+                                    "noise against the teacher before recovery (no real data; chosen on a validation "
+                                    "split, BENCHMARKS.md)", True)
     time_budget: str | float | None = describe("time for pruning and recovery together, e.g. 10m (the handoff export "
                                                "runs after it); the recovery keeps the best student so far", "10m")
     steps: int | None = describe("recovery rounds instead of a time budget (the distill job's rounds)", ge=1)

@@ -42,6 +42,7 @@ from datafree.base.io import check_writable_dir, write_json, write_text
 from datafree.compress.config import RECOVERY_LR_SCALE, CompressConfig
 
 PRUNABLE_FORMS = "a .safetensors file with its .json card (an architecture of the zoo)"
+SYNTHETIC_IMAGES = 256  # images made from noise against the teacher, for Taylor importance and BN re-estimation
 
 
 def check_prunable(path) -> None:
@@ -93,6 +94,7 @@ def run_compress(cfg: CompressConfig, overwrite: bool = False, resume: bool = Fa
         parse_macs_target,
         prune_model,
         prune_summary,
+        recalibrate_bn,
         synthetic_batches,
     )
     from datafree.data.datasets import InputSpec, no_real_data
@@ -118,12 +120,15 @@ def run_compress(cfg: CompressConfig, overwrite: bool = False, resume: bool = Fa
             kind, value = cfg.target()
             teacher_macs = count_macs(teacher_model, shape)
             target = parse_macs_target(value, teacher_macs) if kind == "target_macs" else None
-            batches = (synthetic_batches(teacher_model, shape, spec.num_classes, seed=cfg.seed)[0]
-                       if cfg.importance == "taylor" else None)
+            batches = (synthetic_batches(teacher_model, shape, spec.num_classes, images=SYNTHETIC_IMAGES, seed=cfg.seed)[0]
+                       if cfg.importance == "taylor" or cfg.recalibrate_bn else None)
             pruned = prune_model(teacher_model, shape, sparsity=value if kind == "sparsity" else None, target_macs=target,
                                  importance=cfg.importance, batches=batches)
+            recalibrated = recalibrate_bn(pruned, batches) if cfg.recalibrate_bn else 0
         prune_record = prune_summary(teacher_model, pruned, shape, time.monotonic() - started)
-        prune_record |= {"importance": cfg.importance, kind: value, "target_macs_count": target}
+        prune_record |= {"importance": cfg.importance, kind: value, "target_macs_count": target,
+                         "bn_recalibrated": f"{recalibrated} BatchNorm layers on {len(batches)} synthetic images"
+                                            if recalibrated else None}
         notify(f"pruned {card['arch']}: {prune_record['teacher_macs']:,} -> {prune_record['macs']:,} MACs "
                f"({prune_record['macs_ratio']}x fewer), {prune_record['teacher_parameters']:,} -> {prune_record['parameters']:,} parameters")
         check_writable_dir(out, overwrite)  # only now: every refusal above left nothing behind

@@ -16,6 +16,7 @@ Importance says which channels go:
   (DeepInversion's prior). No real image is read.
 
 Example:
+    >>> from datafree.teachers.formats import load_model
     >>> model, _ = load_model("assets/teachers/mnist_lenet5.safetensors")
     >>> pruned = prune_model(model, (1, 28, 28), target_macs=count_macs(model, (1, 28, 28)) // 2)
     >>> count_macs(pruned, (1, 28, 28)) <= count_macs(model, (1, 28, 28)) // 2
@@ -86,7 +87,7 @@ def synthetic_batches(model: nn.Module, input_shape: tuple[int, int, int], num_c
 
     Example:
         >>> images, classes = synthetic_batches(model, (1, 28, 28), 10, images=32, steps=5)   # doctest: +SKIP
-        >>> images.shape
+        >>> images.shape                                                                       # doctest: +SKIP
         torch.Size([32, 1, 28, 28])
     """
     from datafree.distill.priors import total_variation
@@ -159,6 +160,34 @@ def prune_model(model: nn.Module, input_shape: tuple[int, int, int], sparsity: f
         else:
             low = middle
     return best
+
+
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> int:
+    """Re-estimate every BatchNorm layer's running statistics of ``model`` from ``images`` (synthetic:
+    e.g. :func:`synthetic_batches` of the teacher), as a cumulative average; returns the layers reset.
+    A pruned network keeps its teacher's statistics, which no longer describe its layers' inputs once
+    channels before them are gone. Only the statistics change, no weight.
+
+    Example:
+        >>> recalibrate_bn(pruned, synthetic_batches(teacher, (1, 28, 28), 10)[0])   # doctest: +SKIP
+        4
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts alike
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            for chunk in images.split(batch_size):
+                model(chunk)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(layers)
 
 
 def _prune_once(model: nn.Module, input_shape: tuple[int, int, int], ratio: float, importance: str,
