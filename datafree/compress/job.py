@@ -112,7 +112,7 @@ def run_compress(cfg: CompressConfig, overwrite: bool = False, resume: bool = Fa
     if resume:
         if not pruned_path.is_file() or not (out / "recovery" / "checkpoints" / "last.ckpt").is_file():
             raise UserError(f"nothing to resume: {str(out)!r} holds no pruned model with a recovery checkpoint")
-        pruned, _ = load_model(pruned_path)
+        load_model(pruned_path)  # still a readable model with its card
         prune_record = json.loads((out / "prune.json").read_text())
     else:
         with no_real_data("pruning"):
