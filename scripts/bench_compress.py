@@ -32,12 +32,11 @@ TEACHERS = {  # name: (file, data set)
 }
 
 
-def test_accuracy(model_or_program, test, pixels: bool = False) -> float:
-    import torch
+def real_accuracy(program, test) -> float:
+    """Test accuracy in percent of a program taking [0, 1] images (``test`` in the teacher's input space)."""
+    from datafree.outputs.handoff import predicted_classes
 
-    images = test.spec.denormalize(test.images).clamp(0, 1) if pixels else test.images
-    with torch.no_grad():
-        predicted = torch.cat([model_or_program(x).argmax(1) for x in images.split(1000)])
+    predicted = predicted_classes(program, test.spec.denormalize(test.images).clamp(0, 1))
     return round((predicted == test.labels).float().mean().item() * 100, 2)
 
 
@@ -68,6 +67,7 @@ def run_row(name: str, reduction: str, budget: str, seed: int) -> dict:
     from datafree.data.datasets import load_dataset
     from datafree.distill.job import run_distill
     from datafree.distill.presets import resolve_distill_config
+    from datafree.models.inference import accuracy
     from datafree.teachers.formats import load_model, load_teacher
 
     file, dataset = TEACHERS[name]
@@ -93,15 +93,14 @@ def run_row(name: str, reduction: str, budget: str, seed: int) -> dict:
     handoff = json.loads((base / "compress" / "handoff" / "model_card.json").read_text())
     int8 = torch.export.load(str(base / "compress" / "handoff" / "student_int8.pt2")).module()
     stages = {r["stage"]: r for r in summary["stages"]}
-    accuracy = {"teacher": test_accuracy(teacher, test),
-                "floor": test_accuracy(load_model(base / "compress" / "pruned.safetensors")[0].eval(), test),
-                "compress": test_accuracy(load_model(base / "compress" / "recovery" / "student.safetensors")[0].eval(), test),
-                "int8": test_accuracy(int8, test, pixels=True),
-                "scratch": test_accuracy(load_model(base / "scratch" / "student.safetensors")[0].eval(), test)}
+    score = lambda path: round(accuracy(load_model(path)[0], test), 2)  # noqa: E731
+    accuracy_of = {"teacher": round(accuracy(teacher, test), 2), "floor": score(base / "compress" / "pruned.safetensors"),
+                   "compress": score(base / "compress" / "recovery" / "student.safetensors"),
+                   "int8": real_accuracy(int8, test), "scratch": score(base / "scratch" / "student.safetensors")}
     return {"teacher": name, "reduction": reduction, "budget": budget, "run": str(base.relative_to(ROOT)),
             "teacher_macs": stages["teacher"]["macs"], "macs": stages["pruned"]["macs"],
             "parameters": stages["pruned"]["parameters"], "teacher_parameters": stages["teacher"]["parameters"],
-            "accuracy": accuracy, "ratio": {k: round(v / accuracy["teacher"], 4) for k, v in accuracy.items()},
+            "accuracy": accuracy_of, "ratio": {k: round(v / accuracy_of["teacher"], 4) for k, v in accuracy_of.items()},
             "rounds": {"compress": summary["recovery"]["steps"], "scratch": scratch["steps"]},
             "seconds": {"compress_total": round(compress_seconds, 1), "recovery": summary["recovery"]["seconds"],
                         "scratch": round(scratch_seconds, 1), "pruning": summary["pruning"]["seconds"]},

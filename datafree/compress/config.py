@@ -17,9 +17,9 @@ from pydantic.dataclasses import dataclass
 from datafree.base.config import STRICT, build_config, describe, parse_duration
 from datafree.base.errors import UserError
 from datafree.base.precision import PRECISIONS
+from datafree.compress.prune import IMPORTANCES
 from datafree.distill.config import PRESET_NAMES
 
-IMPORTANCES = ("magnitude", "taylor")  # datafree.compress.prune.IMPORTANCES (a test checks)
 DEFAULT_TARGET = "2x"  # when neither a sparsity nor a MACs target is given
 RECOVERY_LR_SCALE = 0.2  # recovery fine-tunes: a fifth of the preset's student rate (dfq: 0.05 -> 0.01, Torch-Pruning's CIFAR fine-tuning rate)
 

@@ -188,7 +188,7 @@ def stage_table(cfg: CompressConfig, out: Path, teacher_model, spec) -> list[dic
     from datafree.compress.prune import count_macs
     from datafree.models.zoo import count_parameters
     from datafree.outputs.export import PixelModel
-    from datafree.outputs.handoff import compare_latency, program_tensor_bytes
+    from datafree.outputs.handoff import compare_latency, predicted_classes, program_tensor_bytes
     from datafree.teachers.formats import load_model
 
     shape = (spec.channels, spec.size, spec.size)
@@ -205,31 +205,26 @@ def stage_table(cfg: CompressConfig, out: Path, teacher_model, spec) -> list[dic
         programs["int8"], files["int8"] = int8_program.module(), int8_path
     held = load_tensors(out / "recovery" / "holdout.safetensors")
     held_pixels = spec.denormalize(held["images"]).clamp(0, 1)  # every stage sees the same [0, 1] images
-    teacher_classes = _predict(programs["teacher"], held_pixels)
+    teacher_classes = predicted_classes(programs["teacher"], held_pixels)
     latency = {b: compare_latency(programs, shape, b, repeats=20) for b in (1, 64)}
     test = _test_set(cfg, spec)
     rows = []
     for name, program in programs.items():
         float_model = floats.get(name, recovered)  # int8 keeps the recovered model's layers and MACs
-        predicted = _predict(program, held_pixels)
+        predicted = predicted_classes(program, held_pixels)
         row = {"stage": name, "parameters": count_parameters(float_model), "macs": count_macs(float_model, shape),
                "file_bytes": files[name].stat().st_size,
                "weight_bytes": program_tensor_bytes(int8_program) if name == "int8" else _tensor_bytes(float_model),
                "latency_ms": {f"batch_{b}": latency[b][name] for b in latency},
                "holdout_agreement": round((predicted == teacher_classes).float().mean().item() * 100, 2) if len(predicted) else None}
         if test is not None:
-            row["test_accuracy"] = round((_predict(program, test[0]) == test[1]).float().mean().item() * 100, 2)
+            row["test_accuracy"] = round((predicted_classes(program, test[0]) == test[1]).float().mean().item() * 100, 2)
         rows.append(row)
     return rows
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def _predict(program, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([program(x).argmax(1) for x in pixels.split(1024)]) if len(pixels) else torch.empty(0, dtype=torch.long)
 
 
 def _test_set(cfg: CompressConfig, spec) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -205,7 +205,8 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         test = ImageSet(spec.normalize(test.spec.denormalize(test.images)), test.labels, spec, name=test.name)
     stages = Stages((["int8 quantisation"] if int8 else []) + ["program"] + (["onnx"] if onnx else []) + ["accuracy", "latency"]
                     + (["int8 checks"] if int8 else []), "export", progress)
-    quantized = _quantize_run(model, spec, run, card.get("arch")) if int8 else None  # before writing: no half package
+    transfer = transfer_pixels(run, spec) if int8 or onnx else None  # read once: calibration, the ONNX check, agreement
+    quantized = _quantize_run(model, spec, transfer[:CALIBRATION_IMAGES], card.get("arch")) if int8 else None  # before writing
     if int8:
         stages.next()
     for name in ("student.safetensors", "student.json"):
@@ -216,7 +217,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
     if onnx:
         from datafree.outputs.onnx import export_onnx
 
-        onnx_record = export_onnx(out / "student.pt2", out / "student.onnx", check_images=transfer_pixels(run, spec, 512))
+        onnx_record = export_onnx(out / "student.pt2", out / "student.onnx", check_images=transfer[:ONNX_CHECK_IMAGES])
         stages.next()
     shape = (spec.channels, spec.size, spec.size)
     teacher_logits = None
@@ -249,7 +250,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
         model_card["onnx"] = onnx_record
     stages.next()
     if int8:
-        model_card["int8"] = _int8_variant(quantized, spec, out, run, test, teacher_logits, card)
+        model_card["int8"] = _int8_variant(quantized, spec, out, transfer, test, teacher_logits, card)
         stages.next()
     stages.close()
     write_json(out / "model_card.json", model_card)
@@ -258,11 +259,11 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
 
 
 CALIBRATION_IMAGES = 2048  # at most, from the run's transfer set
+ONNX_CHECK_IMAGES = 512  # transfer images the ONNX file is checked on, beside 64 of noise
 
 
-def _quantize_run(model, spec: InputSpec, run: Path, arch) -> torch.fx.GraphModule:
-    """:func:`quantize_int8` calibrated on (up to ``CALIBRATION_IMAGES`` of) the run's transfer set; any failure is a UserError."""
-    pixels = transfer_pixels(run, spec, CALIBRATION_IMAGES)
+def _quantize_run(model, spec: InputSpec, pixels: torch.Tensor, arch) -> torch.fx.GraphModule:
+    """:func:`quantize_int8` calibrated on ``pixels`` (transfer images); any failure is a UserError."""
     try:
         return quantize_int8(model, spec, pixels)
     except UserError:
@@ -271,26 +272,36 @@ def _quantize_run(model, spec: InputSpec, run: Path, arch) -> torch.fx.GraphModu
         raise UserError(f"int8 quantisation of the {arch} student failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from e
 
 
-def transfer_pixels(run: Path, spec: InputSpec, count: int) -> torch.Tensor:
-    """Up to ``count`` of the run's transfer images as [0, 1] pixels, the programs' input domain.
+def transfer_pixels(run: Path, spec: InputSpec) -> torch.Tensor:
+    """The run's transfer images as [0, 1] pixels, the programs' input domain.
 
     Example:
-        >>> transfer_pixels(Path("runs/distill"), spec, 512).shape   # doctest: +SKIP
-        torch.Size([512, 1, 28, 28])
+        >>> transfer_pixels(Path("runs/distill"), spec).shape   # doctest: +SKIP
+        torch.Size([20000, 1, 28, 28])
     """
     from datafree.data.datasets import load_transfer_set
 
     transfer, _ = load_transfer_set(run)
     if (transfer.spec.channels, transfer.spec.size) != (spec.channels, spec.size):
         raise UserError(f"the transfer set of {str(run)!r} holds {transfer.spec.describe()} images but the student takes {spec.describe()}")
-    return transfer.spec.denormalize(transfer.images[:count]).clamp(0, 1)
+    return transfer.spec.denormalize(transfer.images).clamp(0, 1)
+
+
+def predicted_classes(program, pixels: torch.Tensor) -> torch.Tensor:
+    """The argmax class of a [0, 1]-input program (an exported ``.module()``, which may refuse ``eval()``) on ``pixels``, in batches.
+
+    Example:
+        >>> predicted_classes(torch.export.load("handoff/student.pt2").module(), torch.rand(3, 1, 28, 28))   # doctest: +SKIP
+        tensor([7, 7, 3])
+    """
+    with torch.no_grad():
+        return torch.cat([program(x).argmax(1) for x in pixels.split(1024)]) if len(pixels) else torch.empty(0, dtype=torch.long)
 
 
 def _program_figures(program, pixels: torch.Tensor, labels: torch.Tensor | None, teacher_logits: torch.Tensor | None,
                      name: str | None) -> tuple[dict, torch.Tensor]:
     """Accuracy and teacher agreement of a [0, 1]-input program, with its predictions."""
-    with torch.no_grad():
-        predicted = torch.cat([program(x) for x in pixels.split(1024)]).argmax(1)
+    predicted = predicted_classes(program, pixels)
     if labels is None:
         return {}, predicted
     result = {"test_accuracy": round((predicted == labels).float().mean().item() * 100, 2), "test_set": name}
@@ -299,10 +310,9 @@ def _program_figures(program, pixels: torch.Tensor, labels: torch.Tensor | None,
     return result, predicted
 
 
-def _int8_variant(quantized, spec: InputSpec, out: Path, run: Path, test, teacher_logits, card: dict) -> dict:
+def _int8_variant(quantized, spec: InputSpec, out: Path, transfer: torch.Tensor, test, teacher_logits, card: dict) -> dict:
     """Write ``student_int8.pt2`` and measure it beside ``student.pt2`` (loaded back from disk, both)."""
     from datafree.base.io import atomic_path
-    from datafree.data.datasets import load_transfer_set
     from datafree.outputs.export import pixel_spec
 
     path = out / "student_int8.pt2"
@@ -328,10 +338,8 @@ def _int8_variant(quantized, spec: InputSpec, out: Path, run: Path, test, teache
     batch_64 = compare_latency({"float": float_module, "int8": int8_module}, shape, 64, repeats=20)
     float_bytes, int8_bytes = program_tensor_bytes(float_program), program_tensor_bytes(int8_program)
 
-    transfer, _ = load_transfer_set(run)
-    transfer_pixels = transfer.spec.denormalize(transfer.images).clamp(0, 1)
-    agreement = {"transfer": round((_program_figures(int8_module, transfer_pixels, None, None, None)[1]
-                                    == _program_figures(float_module, transfer_pixels, None, None, None)[1]).float().mean().item() * 100, 2)}
+    agreement = {"transfer": round((predicted_classes(int8_module, transfer)
+                                    == predicted_classes(float_module, transfer)).float().mean().item() * 100, 2)}
     pixels = spec.denormalize(test.images) if test is not None else None
     labels, name = (test.labels, test.name) if test is not None else (None, None)
     int8_accuracy, float_accuracy = {}, {}

@@ -27,8 +27,8 @@ from datafree.base.errors import UserError
 from datafree.base.io import atomic_path
 
 ONNX_LOAD_SNIPPET = '''import numpy as np, onnxruntime as ort
-session = ort.InferenceSession("student.onnx")     # no torch needed
-logits = session.run(None, {{"images": images}})[0]  # images: N x {shape} float32 in [0, 1]'''
+runtime = ort.InferenceSession("student.onnx")     # no torch needed
+logits = runtime.run(None, {{"images": images}})[0]  # images: N x {shape} float32 in [0, 1]'''
 
 TOLERANCE = 1e-4  # the largest logit difference from the .pt2 program a check accepts
 
@@ -64,18 +64,18 @@ def export_onnx(program_path, path, check_images: torch.Tensor | None = None, re
                 onnx_program.save(str(tmp), external_data=False)
         except Exception as e:  # an op the exporter cannot translate: say which, write nothing
             raise UserError(f"the ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'})") from e
-        session = _session(ort, tmp)
+        runtime = _runtime(ort, tmp)
         images = torch.rand(64, *shape, generator=torch.Generator().manual_seed(0))
         if check_images is not None and len(check_images):
             images = torch.cat([images, check_images.float().clamp(0, 1)])
         with torch.no_grad():
             expected = torch.cat([module(x) for x in images.split(256)])
-        got = torch.cat([torch.from_numpy(session.run(None, {"images": x.numpy()})[0]) for x in images.split(256)])
+        got = torch.cat([torch.from_numpy(runtime.run(None, {"images": x.numpy()})[0]) for x in images.split(256)])
         diff = (got - expected).abs().max().item()
         agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item() * 100
         if diff > TOLERANCE:
             raise UserError(f"the ONNX file disagrees with student.pt2 by up to {diff:.2g} in a logit (tolerance {TOLERANCE:g})")
-    latency = {f"batch_{b}": _compare_latency(module, session, shape, b, repeats) for b in (1, 64)}
+    latency = {f"batch_{b}": _compare_latency(module, runtime, shape, b, repeats) for b in (1, 64)}
     return {"file": path.name, "bytes": path.stat().st_size, "opset": _opset(path), "exported_from": Path(program_path).name,
             "checked_on": f"{len(images)} synthetic images ({len(images) - 64} from the transfer set, 64 uniform noise)"
                           if len(images) > 64 else "64 images of uniform noise",
@@ -85,21 +85,21 @@ def export_onnx(program_path, path, check_images: torch.Tensor | None = None, re
             "load": ONNX_LOAD_SNIPPET.format(shape="x".join(map(str, shape)))}
 
 
-def _session(ort, path):
+def _runtime(ort, path):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch figures beside it
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _compare_latency(module, session, shape, batch: int, repeats: int) -> dict:
-    """Median ms per forward of the .pt2 module and the ONNX session, taking turns on each repeat."""
+def _compare_latency(module, runtime, shape, batch: int, repeats: int) -> dict:
+    """Median ms per forward of the .pt2 module and the ONNX Runtime model, taking turns on each repeat."""
     x = torch.rand(batch, *shape)
     feed = {"images": x.numpy()}
     times = {"pt2": [], "onnx": []}
     with torch.no_grad():
         for i in range(repeats + 3):
-            for name, run in (("pt2", lambda: module(x)), ("onnx", lambda: session.run(None, feed))):
+            for name, run in (("pt2", lambda: module(x)), ("onnx", lambda: runtime.run(None, feed))):
                 started = time.perf_counter()
                 run()
                 if i >= 3:
