@@ -51,7 +51,8 @@ def scoring_the_candidates(val, scores: list, timing: dict):
         started = time.monotonic()
         held = self.holdout.contents() if len(self.holdout) else None
         final = copy.deepcopy(self.kept_student().state_dict())
-        for step, state in self.snapshots + [(self.rounds, final)]:
+        start = [self.start_snapshot] if self.start_snapshot is not None else []
+        for step, state in start + self.snapshots + [(self.rounds, final)]:
             self.student.load_state_dict(state)
             scores.append({"round": step, "holdout_agreement": round(agreement(self.student, *held), 3) if held else None,
                            "val": round(accuracy(self.student.eval(), val), 2)})

@@ -199,6 +199,8 @@ def test_same_seed_same_student(tmp_path):
     ([(3, "b"), (6, "b")], "a", (6, "b")),   # a tie between snapshots: the later one
     ([(3, "c"), (6, "a")], "b", (9, "b")),   # the final student can win too
     ([(3, "a"), (6, "c")], "a", None),       # none matches exactly: the higher of a and c (which one, measured below)
+    ([(0, "b"), (3, "a"), (6, "c")], "a", (0, "b")),  # the student as it started (round 0) wins when training made it worse
+    ([(0, "a"), (3, "b")], "c", (3, "b")),   # ... and loses when it did not
 ])
 def test_select_best_keeps_the_snapshot_with_the_highest_holdout_agreement(tmp_path, snapshots, final, expected):
     """DistillModule.select_best loads the snapshot that agrees most with the held-out teacher labels (ties: the later step)."""
@@ -223,7 +225,8 @@ def test_select_best_keeps_the_snapshot_with_the_highest_holdout_agreement(tmp_p
     assert scores["a"] < 100 and scores["c"] < 100 and scores["a"] != scores["c"]
     if expected is None:
         expected = (6, "c") if scores["c"] > scores["a"] else (9, "a")
-    module.snapshots = [(step, states[name]) for step, name in snapshots]
+    module.start_snapshot = next(((step, states[name]) for step, name in snapshots if step == 0), None)
+    module.snapshots = [(step, states[name]) for step, name in snapshots if step > 0]
     module.student.load_state_dict(states[final])
     module.rounds = 9
     step, score = module.select_best()
@@ -646,3 +649,14 @@ def test_the_stop_message_offers_resume_only_when_a_checkpoint_exists(tmp_path):
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"x")
     assert "--resume" in interrupted_message(checkpoint) and str(checkpoint) in interrupted_message(checkpoint)
+
+
+def test_a_diverging_run_stops_and_keeps_a_finite_student(tmp_path):
+    """A student rate that blows the loss up: the run stops at the first non-finite value, says so in its
+    summary, and hands over the best finite student (here the one it started from)."""
+    messages = []
+    summary = run_distill(tiny_config(tmp_path, lr_student=1e12, steps=30), progress=False, notify=messages.append)
+    assert summary["diverged"] is not None and summary["steps"] < 30
+    assert any("diverged" in m for m in messages)
+    weights = load_file(tmp_path / "run/student.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())

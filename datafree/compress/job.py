@@ -151,7 +151,8 @@ def _recover(cfg: CompressConfig, out: Path, pruned_path: Path, started: float, 
                  "time_budget": None if budget is None else max(1.0, budget - (time.monotonic() - started))}
     fresh = resolve_distill_config(preset=cfg.preset, overrides=overrides)  # the preset's rate, for a fresh student
     distill_cfg = resolve_distill_config(preset=fresh.preset, overrides=overrides | {
-        "lr_student": cfg.lr_student or fresh.lr_student * RECOVERY_LR_SCALE, "preset_note": fresh.preset_note})
+        "lr_student": cfg.lr_student or fresh.lr_student * RECOVERY_LR_SCALE, "preset_note": fresh.preset_note,
+        "freeze_student_bn": cfg.freeze_bn})
     return run_distill(distill_cfg, resume=resume, overwrite=True, progress=progress, notify=notify)
 
 
@@ -248,6 +249,9 @@ def render_stages(summary: dict) -> str:
              f"{prune['macs_ratio']}x fewer MACs. Recovered by data-free distillation from the original teacher "
              f"({recovery['preset']} preset, {recovery['steps']} rounds in {recovery['seconds']} s, student chosen at round "
              f"{recovery['selected_step']} by held-out synthetic agreement). Machine: {summary['machine']}.", "",
+             *(["Recovery did not improve on the pruned network on the held-out synthetic samples, so the pruned "
+                "network (round 0) is what is handed over; a longer `--time-budget` gives recovery more rounds.", ""]
+               if recovery["selected_step"] == 0 else []),
              "| stage | parameters | MACs | weight bytes | file bytes | latency ms (batch 1 / 64) | "
              "teacher agreement, held-out synthetic % |" + (" test accuracy % |" if has_test else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if has_test else "")]

@@ -277,7 +277,7 @@ def write_outputs(module: DistillModule, teacher: Teacher, cfg: DistillConfig, s
                "holdout_agreement": _round(best_agreement), "student": student_arch,
                "student_parameters": count_parameters(student), "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                "preset": cfg.preset, "transfer_set_size": len(images), "schedule": module.schedule, "final_share": module.final_start,
-               "precision": module.precision,
+               "precision": module.precision, "diverged": module.diverged,
                "teachers": teachers, "knowledge": ["logits (KD)"] + [f"{k} x{w:g}" for k, w in sorted(module.knowledge.items())]}
     if len(teachers) > 1:
         summary["ensemble_rule"] = teacher.rule

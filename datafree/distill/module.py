@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from datafree.base.config import parse_duration
+from datafree.base.errors import UserError
 from datafree.base.precision import FP32, Precision
 from datafree.distill.config import DistillConfig
 from datafree.distill.knowledge import Hint, knowledge_terms
@@ -79,6 +80,8 @@ class DistillModule(L.LightningModule):
         # every synthesised batch, for the student-only last share (labels stay valid: the teacher is frozen)
         self.archive = SamplePool(cfg.final_pool, keep=cfg.archive_keeps) if cfg.final_share else None
         self.snapshots: list[tuple[int, dict]] = []
+        self.diverged: dict | None = None  # where a loss or the teacher's logits stopped being finite (the run stops there)
+        self.start_snapshot: tuple[int, dict] | None = None  # the student before round 1: a candidate too (a pruned teacher starts strong)
         self.augment = student_augment() if cfg.augment or cfg.final_augment else None
         self.ema = None  # torch's AveragedModel of the student (a submodule: checkpoints carry it)
         if cfg.student_ema:
@@ -90,6 +93,7 @@ class DistillModule(L.LightningModule):
         self.rng = torch.Generator()
         self.rng.manual_seed(cfg.seed)
         self.log_fn = log or (lambda record: None)
+        self.notify = notify
         self.last_batch: torch.Tensor | None = None
         self.last_logits: torch.Tensor | None = None
         self.rounds = 0  # Lightning's global_step counts optimizer steps (several per round)
@@ -170,6 +174,8 @@ class DistillModule(L.LightningModule):
         """Choose the passes' precision, then fit the round's schedule to this teacher's measured cost
         (each once, on this device: a resume keeps the first choice, and moves its state here)."""
         self.move_state(self.device)
+        if self.start_snapshot is None and self.rounds == 0:
+            self.start_snapshot = (0, copy.deepcopy(self.kept_student().state_dict()))
         if self.precision is None or torch.device(self.precision["device"]).type != self.device.type:
             started = time.monotonic()  # (a run resumed on another kind of device measures again)
             self.precision = self._measure_precision()
@@ -285,6 +291,10 @@ class DistillModule(L.LightningModule):
         # checkpoint carries: a resumed run repeats the uninterrupted one exactly
         torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.rng)))
         opt_g, opt_s = self.optimizers()
+        if cfg.freeze_student_bn:  # Lightning puts every submodule in training mode; these stay in evaluation mode
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         if self.final_start is None and cfg.final_share and self.progress() >= 1 - cfg.final_share:
             self._start_final_share(step)
         lr = self._set_student_lr(opt_s)
@@ -294,9 +304,11 @@ class DistillModule(L.LightningModule):
             stats, steps, logits = self._synthesis_step(step, opt_g), self.student_steps, self.last_logits
 
         s_loss = torch.zeros((), device=self.device)
-        if len(self.pool):
+        if len(self.pool) and self.diverged is None:
             for _ in range(steps):
                 s_loss = self._student_step(opt_s)
+            if not bool(torch.isfinite(s_loss)):
+                self._diverge(step, "the student's loss")
 
         self.elapsed += time.monotonic() - started
         if self.trainer.world_size > 1:  # one clock for every rank: the stop and the last share come in the same round
@@ -308,6 +320,15 @@ class DistillModule(L.LightningModule):
             self._evaluate(step)
         self.rounds += 1
         return {"kd": s_loss}
+
+    def _diverge(self, step: int, what: str) -> None:
+        """Stop the run at a value that is no longer finite; the selection keeps the best finite student."""
+        self.diverged = {"round": step + 1, "what": what}
+        self.log_fn({"step": step + 1, "kind": "diverged", "what": what})
+        self.notify(f"the run diverged at round {step + 1} ({what} stopped being finite): it stops here and keeps the "
+                    f"best finite student so far; a lower lr_student or lr_generator may help")
+        if self._trainer is not None:
+            self.trainer.should_stop = True
 
     def _synthesis_step(self, step: int, opt_g) -> dict:
         """The generator's update(s); a finished batch joins the pool (or the held-out set) and the
@@ -331,6 +352,9 @@ class DistillModule(L.LightningModule):
                 for p, p0 in zip(self.generator.parameters(), start):
                     p.lerp_(p0, 1 - cfg.meta_rate)
         t_logits = stats.pop("_t_logits").detach()
+        if not bool(torch.isfinite(t_logits).all()) or not bool(torch.isfinite(images).all()):
+            self._diverge(step, "the generator's images or the teacher's logits on them")
+            return stats
         batch_done = not (self.synth.is_pixels and cfg.reset_every) or (step + 1) % cfg.reset_every == 0
         if batch_done:  # optimised pixels enter the pool only when their batch is finished
             images = images.detach()
@@ -447,11 +471,19 @@ class DistillModule(L.LightningModule):
         self.snapshots = self.snapshots[-8:]
 
     def select_best(self) -> tuple[int, float | None]:
-        """Load the snapshot (or the final student) that agrees most with the teacher on held-out synthetic data."""
-        candidates = self.snapshots + [(self.rounds, copy.deepcopy(self.kept_student().state_dict()))]
+        """Load the snapshot (or the final student) that agrees most with the teacher on held-out synthetic data.
+
+        The student as it started (round 0) is a candidate too: a student that inherits weights (a
+        pruned teacher in ``datafree compress``) can start ahead of everything training makes of it.
+        """
+        start = [self.start_snapshot] if self.start_snapshot is not None else []
+        candidates = start + self.snapshots + [(self.rounds, copy.deepcopy(self.kept_student().state_dict()))]
+        candidates = [c for c in candidates if all_finite(c[1])]  # a diverged run's last states are not
+        if not candidates:
+            raise UserError("the run diverged before any finite student was kept; try a lower lr_student or lr_generator")
         if not len(self.holdout):
             self.student.load_state_dict(candidates[-1][1])
-            return self.rounds, None
+            return candidates[-1][0], None
         images, logits = self.holdout.contents()
         scored = []
         for step, state in candidates:
@@ -476,7 +508,7 @@ class DistillModule(L.LightningModule):
         checkpoint["datafree"] = {
             "pool": self.pool.state_dict(), "holdout": self.holdout.state_dict(),
             "rng": self.rng.get_state(), "rng_ranks": self._rank_rng_states(),
-            "snapshots": self.snapshots, "schedule": json.dumps(self.schedule), "precision": json.dumps(self.precision),
+            "snapshots": self.snapshots, "start_snapshot": self.start_snapshot, "schedule": json.dumps(self.schedule), "precision": json.dumps(self.precision),
             "bn_previous": self.synth.bn_prior.previous, "soft_targets": self.synth.soft_targets,
             "rounds": self.rounds, "elapsed": self.elapsed, "batches": self.batches,
             "final_start": json.dumps(self.final_start),
@@ -507,9 +539,21 @@ class DistillModule(L.LightningModule):
         self.holdout.load_state_dict(state["holdout"])
         self.rng.set_state(rank_rng_state(state, self.global_rank))
         self.snapshots = [(int(s), d) for s, d in state["snapshots"]]
+        start = state.get("start_snapshot")  # none in an older checkpoint: round 0 is not a candidate there
+        self.start_snapshot = (int(start[0]), start[1]) if start is not None else None
         self.synth.bn_prior.previous = state["bn_previous"]
         self.synth.soft_targets = state.get("soft_targets")
         self.rounds, self.elapsed, self.batches = int(state["rounds"]), float(state["elapsed"]), int(state["batches"])
+
+
+def all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite.
+
+    Example:
+        >>> all_finite({"w": torch.ones(2), "n": torch.tensor(3)}), all_finite({"w": torch.tensor([1.0, float("nan")])})
+        (True, False)
+    """
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
 
 
 def rank_rng_state(saved: dict, rank: int) -> torch.Tensor:
