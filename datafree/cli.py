@@ -220,7 +220,7 @@ DISTILL_FLAGS = ["teacher", "ensemble_rule", "teacher_input_spec", "student", "s
                  "eval_data", "precision", "accelerator", "devices", "num_nodes", "strategy"]
 CONDENSE_FLAGS = ["source", "ipc", "method", "schedule", "steps", "time_budget", "init", "factor", "pool_size", "refresh_every",
                   "real_per_class", "net_width", "outer_loop",
-                  "inner_loop", "soft_labels", "soft_label_model", "teacher_ce", "teacher_bn", "resume", "seed", "evaluate", "epochs", "test",
+                  "inner_loop", "soft_labels", "soft_label_model", "teacher_ce", "teacher_bn", "dp_epsilon", "dp_delta", "dp_clip", "resume", "seed", "evaluate", "epochs", "test",
                   "accelerator", "precision", "devices", "num_nodes", "strategy",
                   "out", "overwrite"]
 
@@ -367,6 +367,8 @@ def _traceable_sources(folder: Path, manifest: dict, real):
 
 
 def cmd_audit(args) -> int:
+    if args.membership:
+        return cmd_membership_audit(args)
     from datafree.base.io import read_json, write_json
     from datafree.data.datasets import load_dataset
     from datafree.outputs.audit import audit_set
@@ -406,6 +408,23 @@ def cmd_audit(args) -> int:
           + (f"; {trace['nearest_is_own_source']} of {trace['images_from_source']} still nearest to the real image they started from"
              if "nearest_is_own_source" in trace else "") + f"; written to {out}")
     return 0 if report["verdict"] != "fail" or not args.strict else 1
+
+
+MEMBERSHIP_FLAGS = ["members", "non_members", "samples", "references", "reference_epochs", "reference_pool", "set_epochs", "seed"]
+
+
+def cmd_membership_audit(args) -> int:
+    from datafree.base.flags import given
+    from datafree.outputs.membership_job import membership_config, run_membership_audit
+
+    cfg = membership_config(given(args, MEMBERSHIP_FLAGS) | {"target": args.synthetic, "out": args.out, "data_dir": args.data_dir})
+    result = run_membership_audit(cfg, progress=not args.no_progress)
+    for name, attack in result["attacks"].items():
+        print(f"{name:<5} AUC {attack['auc']:.3f} [{attack['auc_ci'][0]:.3f}, {attack['auc_ci'][1]:.3f}]  "
+              f"TPR at 1% FPR {attack['tpr_at_0.01_fpr'] * 100:.2f}% [{attack['tpr_at_0.01_fpr_ci'][0] * 100:.2f}, "
+              f"{attack['tpr_at_0.01_fpr_ci'][1] * 100:.2f}]  at 0.1% FPR {attack['tpr_at_0.001_fpr'] * 100:.2f}%")
+    print(f"{result['members']} members and {result['non_members']} non-members, {result['kind']}; written to {result['written_to']}")
+    return 0
 
 
 def cmd_export_student(args) -> int:
@@ -516,8 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate_set)
 
-    p = sub.add_parser("audit", help="check a synthetic set for leaked real images (faiss nearest neighbours)")
-    p.add_argument("synthetic", help="condensed set folder or distill run folder")
+    p = sub.add_parser("audit", help="check a synthetic set for leaked real images (faiss nearest neighbours), or with "
+                                     "--membership attack a model, student or set for its training data's membership")
+    p.add_argument("synthetic", help="condensed set folder or distill run folder (with --membership: a model file too)")
+    p.add_argument("--membership", action="store_true",
+                   help="membership-inference audit (loss threshold and offline LiRA): ROC AUC and TPR at 0.1%% and 1%% FPR")
+    from datafree.outputs.membership_job import MembershipConfig
+
+    add_config_flags(p, MembershipConfig, MEMBERSHIP_FLAGS, notes={name: "with --membership" for name in MEMBERSHIP_FLAGS})
     p.add_argument("--real", help="real data set to compare with (name, folder or .npz); without it only diversity is measured")
     p.add_argument("--teacher", help="teacher for the feature-space audit (default: the run's own, when known)")
     p.add_argument("--no-teacher", action="store_true", help="pixel space only")

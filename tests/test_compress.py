@@ -138,6 +138,38 @@ def test_compress_end_to_end_reads_real_data_only_after_every_stage(tmp_path, mo
     assert "| pruned |" in (out / "COMPRESS.md").read_text() and "## ONNX" in (out / "handoff" / "MODEL_CARD.md").read_text()
     assert json.loads((out / "recovery" / "summary.json").read_text()).get("student_test_accuracy") is None  # recovery read none
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"] == summary["stages"]
+    guard = summary["recovery"]["guard"]
+    assert guard["kept"] in ("pruned", "recovered") and all(0 <= a <= 100 for a in guard["agreement"].values())
+    assert (out / "guard.safetensors").is_file() and guard["images"] == 256
+
+
+def test_a_recovery_worse_than_the_pruned_network_is_not_handed_over(tmp_path):
+    """The check after recovery: a 'recovered' network that calls everything one class loses to the pruned
+    one on the independent synthetic images, and the pruned network takes its place in the recovery folder."""
+    from datafree.base.io import save_tensors
+    from datafree.compress.job import keep_the_better
+    from datafree.data.datasets import InputSpec
+    from datafree.teachers.formats import save_model
+
+    teacher, card = load_model(TEACHERS / "mnist_lenet5.safetensors")
+    spec = InputSpec.from_dict(card["input_spec"])
+    (tmp_path / "recovery").mkdir()
+    save_model(teacher, tmp_path / "pruned.safetensors", "lenet5", spec)
+    collapsed, _ = load_model(TEACHERS / "mnist_lenet5.safetensors")
+    with torch.no_grad():
+        collapsed.head.weight.zero_()
+        collapsed.head.bias.copy_(torch.arange(10.0) == 8)
+    save_model(collapsed, tmp_path / "recovery" / "student.safetensors", "lenet5", spec, selected_step=40)
+    from datafree.compress.prune import synthetic_batches
+
+    images, _ = synthetic_batches(teacher, (1, 28, 28), 10, images=40, steps=20)  # a class each: ten classes
+    save_tensors(tmp_path / "guard.safetensors", {"images": images})
+    notes = []
+    guard = keep_the_better(tmp_path, teacher.eval(), card, spec, notes.append)
+    assert guard["kept"] == "pruned" and guard["agreement"]["pruned"] == 100.0 and guard["agreement"]["recovered"] < 50
+    kept, kept_card = load_model(tmp_path / "recovery" / "student.safetensors")
+    assert torch.equal(kept.head.weight, teacher.head.weight) and kept_card["selected_step"] == 0 and "pruned" in notes[0]
+    assert (tmp_path / "recovery" / "student.pt2").is_file()
 
 
 def test_onnx_matches_the_pt2_program_at_any_batch(tmp_path):

@@ -159,6 +159,10 @@ def test_malformed_job_requests_name_the_field(server, teacher_id):
     assert r.status_code == 422 and "out" in r.json()["detail"]
     r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "../../etc", "ipc": 1}})
     assert r.status_code == 422 and "source" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "mnist", "dp_epsilon": 0}})
+    assert r.status_code == 422 and "dp_epsilon" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": "0123456789ab", "members": "mnist"}})
+    assert r.status_code == 422 and "job" in r.json()["detail"]
     r = server.client.post("/v1/jobs", json={"kind": "mine-bitcoin", "config": {}})
     assert r.status_code == 422 and "kind" in r.json()["detail"]
     r = server.client.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
@@ -256,6 +260,12 @@ def test_derived_jobs_audit_export_condense(server, finished_distill, mnist_cond
     distill_id, _ = finished_distill
     condense = {"id": mnist_condensation}  # submitted with the distill job
     audit = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id}}).json()
+    r = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id, "members": "mnist"}})
+    assert r.status_code == 422 and "membership" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id, "membership": True, "members": "mnist"}})
+    assert r.status_code == 422 and "non-members" in r.json()["detail"]
+    membership = server.client.post("/v1/jobs", json={"kind": "audit", "config": {
+        "job": distill_id, "membership": True, "members": "mnist", "non_members": "mnist:test", "samples": 100, "references": 1}}).json()
     export = server.client.post("/v1/jobs", json={"kind": "export", "config": {"job": distill_id}}).json()
     r = server.client.post("/v1/jobs", json={"kind": "condense", "config": {"source": "job:0123456789ab", "ipc": 1}})
     assert r.status_code == 422 and "source" in r.json()["detail"]
@@ -266,6 +276,9 @@ def test_derived_jobs_audit_export_condense(server, finished_distill, mnist_cond
         assert _wait(server.client, job["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{job['id']}").json()
     report = server.client.get(f"/v1/jobs/{audit['id']}/artifacts/audit.json").json()
     assert report["schema"] == "datafree-audit/1"
+    assert _wait(server.client, membership["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{membership['id']}").json()
+    attacked = server.client.get(f"/v1/jobs/{membership['id']}/artifacts/membership.json").json()
+    assert attacked["kind"] == "distill run's student" and set(attacked["attacks"]) == {"loss", "lira"}
     card = server.client.get(f"/v1/jobs/{export['id']}/artifacts/model_card.json").json()
     assert card["latency_ms"]["batch_1"] > 0
     import zipfile

@@ -46,8 +46,6 @@ class CompressConfig:
     recalibrate_bn: bool = describe("re-estimate the pruned network's BatchNorm statistics on synthetic images made from "
                                     "noise against the teacher before recovery (no real data; chosen on a validation "
                                     "split, BENCHMARKS.md)", True)
-    freeze_bn: bool = describe("hold the pruned network's BatchNorm statistics fixed during recovery (its affine "
-                               "weights still train)", False)
     time_budget: str | float | None = describe("time for pruning and recovery together, e.g. 10m (the handoff export "
                                                "runs after it); the recovery keeps the best student so far", "10m")
     steps: int | None = describe("recovery rounds instead of a time budget (the distill job's rounds)", ge=1)

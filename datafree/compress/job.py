@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 from datafree.base.errors import UserError
-from datafree.base.io import check_writable_dir, write_json, write_text
+from datafree.base.io import check_writable_dir, save_tensors, write_json, write_text
 from datafree.compress.config import RECOVERY_LR_SCALE, CompressConfig
 
 PRUNABLE_FORMS = "a .safetensors file with its .json card (an architecture of the zoo)"
 SYNTHETIC_IMAGES = 256  # images made from noise against the teacher, for Taylor importance and BN re-estimation
+GUARD_IMAGES = 256  # images made the same way (another seed) that check the recovery against the pruned network
 
 
 def check_prunable(path) -> None:
@@ -135,8 +136,52 @@ def run_compress(cfg: CompressConfig, overwrite: bool = False, resume: bool = Fa
         save_model(pruned, pruned_path, card["arch"], spec, card.get("arch_kwargs", {}), trained_by="datafree compress (pruned, "
                    "before recovery)", teacher_sha256=card.get("sha256"), pruning=prune_record)
         write_json(out / "prune.json", prune_record)
+        with no_real_data("the recovery check's images"):
+            guard_images, _ = synthetic_batches(teacher_model, shape, spec.num_classes, images=GUARD_IMAGES, seed=cfg.seed + 1)
+        save_tensors(out / "guard.safetensors", {"images": guard_images})
     summary_recovery = _recover(cfg, out, pruned_path, started, resume, progress, notify)
+    summary_recovery["guard"] = keep_the_better(out, teacher_model, card, spec, notify)
+    if summary_recovery["guard"]["kept"] == "pruned":
+        summary_recovery["selected_step"] = 0
     return _hand_off(cfg, out, teacher_model, card, spec, prune_record, summary_recovery, progress)
+
+
+def keep_the_better(out: Path, teacher_model, card: dict, spec, notify) -> dict:
+    """The recovery's check: the pruned and the recovered network's class-balanced agreement with the
+    teacher on synthetic images made apart from the recovery (``guard.safetensors``: from noise against
+    the teacher, a class each, before recovery began). The recovery's own held-out samples come from its
+    generator, and a generator that collapses onto a few classes makes them useless for this: a
+    network that calls everything one class then agrees with them. When the pruned network agrees more,
+    it is what the recovery hands over (``recovery/student.safetensors``, with a note in its card)."""
+    from datafree.base.io import load_tensors
+    from datafree.distill.selection import agreement_on
+    from datafree.models.inference import predict
+    from datafree.outputs.export import export_program
+    from datafree.teachers.formats import load_model, save_model
+
+    if not (out / "guard.safetensors").is_file():  # a run begun before the check existed
+        from datafree.compress.prune import synthetic_batches
+
+        shape = (spec.channels, spec.size, spec.size)
+        save_tensors(out / "guard.safetensors", {"images": synthetic_batches(teacher_model, shape, spec.num_classes,
+                                                                             images=GUARD_IMAGES, seed=1)[0]})
+    images = load_tensors(out / "guard.safetensors")["images"]
+    t_logits = predict(teacher_model, images)
+    pruned, _ = load_model(out / "pruned.safetensors")
+    recovered, recovered_card = load_model(out / "recovery" / "student.safetensors")
+    scores = {name: round(agreement_on(model.eval(), images, t_logits), 2) for name, model in (("pruned", pruned), ("recovered", recovered))}
+    kept = "pruned" if scores["pruned"] > scores["recovered"] else "recovered"
+    if kept == "pruned":
+        notify(f"the recovered network agrees less with the teacher than the pruned one on independent synthetic images "
+               f"({scores['recovered']}% against {scores['pruned']}%): the pruned network is handed over")
+        path = out / "recovery" / "student.safetensors"
+        written = save_model(pruned, path, card["arch"], spec, card.get("arch_kwargs", {}),
+                             **{k: v for k, v in recovered_card.items() if k in ("trained_by", "teacher_sha256", "preset")},
+                             kept="the pruned network: recovery agreed less with the teacher on independent synthetic images",
+                             selected_step=0)
+        export_program(pruned.eval(), spec, out / "recovery" / "student.pt2", written)
+    return {"agreement": scores, "kept": kept, "images": len(images),
+            "images_from": "noise optimised against the teacher (a class each, BN statistics), apart from the recovery"}
 
 
 def _recover(cfg: CompressConfig, out: Path, pruned_path: Path, started: float, resume: bool, progress: bool, notify) -> dict:
@@ -151,8 +196,7 @@ def _recover(cfg: CompressConfig, out: Path, pruned_path: Path, started: float, 
                  "time_budget": None if budget is None else max(1.0, budget - (time.monotonic() - started))}
     fresh = resolve_distill_config(preset=cfg.preset, overrides=overrides)  # the preset's rate, for a fresh student
     distill_cfg = resolve_distill_config(preset=fresh.preset, overrides=overrides | {
-        "lr_student": cfg.lr_student or fresh.lr_student * RECOVERY_LR_SCALE, "preset_note": fresh.preset_note,
-        "freeze_student_bn": cfg.freeze_bn})
+        "lr_student": cfg.lr_student or fresh.lr_student * RECOVERY_LR_SCALE, "preset_note": fresh.preset_note})
     return run_distill(distill_cfg, resume=resume, overwrite=True, progress=progress, notify=notify)
 
 
@@ -167,7 +211,7 @@ def _hand_off(cfg: CompressConfig, out: Path, teacher_model, card: dict, spec, p
     summary = {"schema": "datafree-compress/1", "teacher": cfg.teacher, "teacher_sha256": card.get("sha256"),
                "architecture": card["arch"], "config": asdict(cfg), "pruning": prune_record,
                "recovery": {k: recovery.get(k) for k in ("steps", "seconds", "selected_step", "holdout_agreement", "preset",
-                                                         "precision", "transfer_set_size")},
+                                                         "precision", "transfer_set_size", "guard")},
                "stages": stages, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     model_card["compression"] = {"stages": stages, "pruning": {k: prune_record[k] for k in ("importance", "macs_ratio", "seconds")},
                                  "recovery": summary["recovery"]}
@@ -243,14 +287,16 @@ def _test_set(cfg: CompressConfig, spec) -> tuple[torch.Tensor, torch.Tensor] | 
 def render_stages(summary: dict) -> str:
     """``COMPRESS.md``: the stage table and how each stage was made."""
     stages, prune, recovery = summary["stages"], summary["pruning"], summary["recovery"]
+    guard = recovery.get("guard") or {"images": 0, "agreement": {"recovered": "-", "pruned": "-"}}
     has_test = any("test_accuracy" in r for r in stages)
     lines = [f"# Compression of {summary['architecture']} ({summary['teacher']})", "",
              f"Pruned with Torch-Pruning ({prune['importance']} importance) in {prune['seconds']} s: "
              f"{prune['macs_ratio']}x fewer MACs. Recovered by data-free distillation from the original teacher "
              f"({recovery['preset']} preset, {recovery['steps']} rounds in {recovery['seconds']} s, student chosen at round "
              f"{recovery['selected_step']} by held-out synthetic agreement). Machine: {summary['machine']}.", "",
-             *(["Recovery did not improve on the pruned network on the held-out synthetic samples, so the pruned "
-                "network (round 0) is what is handed over; a longer `--time-budget` gives recovery more rounds.", ""]
+             *([f"Recovery did not improve on the pruned network (teacher agreement on {guard['images']} synthetic images "
+                f"made apart from it: {guard['agreement']['recovered']}% against {guard['agreement']['pruned']}%), so the "
+                "pruned network (round 0) is what is handed over; a longer `--time-budget` gives recovery more rounds.", ""]
                if recovery["selected_step"] == 0 else []),
              "| stage | parameters | MACs | weight bytes | file bytes | latency ms (batch 1 / 64) | "
              "teacher agreement, held-out synthetic % |" + (" test accuracy % |" if has_test else ""),

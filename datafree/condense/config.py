@@ -96,6 +96,12 @@ class CondenseJob:
     teacher_bn: float | None = describe(
         "data-free mode, matching methods: weight of the teacher's BatchNorm-statistics prior on the synthetic images "
         f"(default {TEACHER_TERMS['teacher_bn']:g}, chosen on a validation split; nothing for a teacher without BN)", ge=0)
+    dp_epsilon: float | None = describe(
+        "differential privacy: condense a real data set with (epsilon, dp_delta)-DP distribution matching (method dm, "
+        "noise start); the set is guaranteed, the choice of settings and any evaluation are not", gt=0)
+    dp_delta: float = describe("differential privacy: delta (must be below 1 / the number of private images)", 1e-5, gt=0, lt=1)
+    dp_clip: float | None = describe("differential privacy: clip each image's embedding to this L2 norm (default: scale "
+                                     "every embedding to norm 1, which has nothing to tune and no clipping bias)", gt=0)
     data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
     download: bool = describe("let torchvision download a missing data set (needs the network)", False)
     accelerator: str = describe("where the matching methods run: auto (a GPU when there is one), cpu, gpu (Lightning Fabric)", "auto")

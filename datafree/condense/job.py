@@ -171,6 +171,14 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
     began_with = _checkpoint_key(Path(job.out) / CHECKPOINT) if job.resume else {}
     if job.method in MATCHING_METHODS:  # the selection methods pick source images: no start to choose
         settings["init"] = job.init_for(began_with.get("init"))
+    if job.dp_epsilon is not None:
+        from datafree.condense.private import check_private_job
+
+        check_private_job(job, data_free, len(source))
+        settings["init"] = "noise"
+        settings["extra"] = {"dp": {"epsilon": job.dp_epsilon, "delta": job.dp_delta, "clip": job.dp_clip}}
+    elif job.dp_clip is not None:
+        raise UserError("config field 'dp_clip' applies only with dp_epsilon (differentially private condensation)")
     for name in METHOD_DEFAULTS.get(job.method, {}):  # a default changed since the run began: it keeps its own
         if getattr(job, name) is None and name in began_with:
             settings[name] = began_with[name]
@@ -196,6 +204,23 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         return {"rank": shards.rank}
     return write_condensed(job, result, source, source_info, data_free, labeller if job.soft_labels else None, settings,
                            shards.world)
+
+
+def privacy_record(plan: dict, soft_labels: bool) -> dict:
+    """The manifest's privacy section: the mechanism, the accounting, and what is and is not guaranteed."""
+    from datafree.condense.private import PrivacyPlan, epsilon_spent
+
+    done = plan["steps_done"]
+    spent = epsilon_spent(plan["sigma"], plan["sample_rate"], done, plan["delta"])
+    record = PrivacyPlan(**{k: v for k, v in plan.items() if k != "steps_done"}).record()
+    not_guaranteed = ["the choice of settings made on the private data", "any evaluation on a real test set"]
+    if soft_labels:
+        not_guaranteed.insert(0, "the soft labels: a model trained without DP made them")
+    return record | {"steps_done": done, "epsilon_spent": round(spent, 4),
+                     "guarantee": f"the condensed images{' and hard labels' if soft_labels else ' and labels'} are "
+                                  f"({spent:.3g}, {plan['delta']:g})-differentially private with respect to adding or "
+                                  f"removing one of the {plan['private_images']:,} private images",
+                     "not_guaranteed": not_guaranteed}
 
 
 def _checkpoint_key(path: Path) -> dict:
@@ -269,6 +294,8 @@ def write_condensed(job: CondenseJob, result, source, source_info: dict, data_fr
                                                             "and the PNGs hold them decoded" if job.factor > 1 else None},
                 "processes": processes, "precision": result.precision or None, "iterations_done": len(result.history),
                 "seconds": result.history[-1]["seconds"] if result.history else 0.0, "history_tail": result.history[-3:]}
+    if result.privacy is not None:
+        manifest["privacy"] = privacy_record(result.privacy, soft is not None)
     if job.evaluate:
         from datafree.data.datasets import ImageSet, load_dataset
         from datafree.outputs.evaluate import evaluate_set

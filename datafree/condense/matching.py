@@ -189,7 +189,12 @@ def mean_embedding_distance(net: nn.Module, real: torch.Tensor, mine: torch.Tens
 
 @register_condenser("dm")
 def dm(source: ImageSet, s: CondenseSettings, progress, shards: Shards, teacher=None, **run_kwargs) -> Condensed:
-    """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA."""
+    """Distribution matching (Zhao & Bilen 2023): match mean embeddings under random networks, with DSA;
+    under differential privacy (``s.extra['dp']``) through the Gaussian mechanism (:mod:`datafree.condense.private`)."""
+    if "dp" in s.extra:
+        from datafree.condense.private import private_dm
+
+        return private_dm(source, s, progress, shards, **run_kwargs)
     rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed)
     k = source.spec.num_classes

@@ -144,8 +144,10 @@ class MatchingRun:
     """
 
     def __init__(self, s: CondenseSettings, progress, rng: torch.Generator, syn: torch.Tensor, opt, checkpoint=None,
-                 resume: bool = False, method: str = "", shards: Shards | None = None):
+                 resume: bool = False, method: str = "", shards: Shards | None = None, secret: dict | None = None):
         self.s, self.progress, self.rng, self.syn, self.opt = s, progress, rng, syn, opt
+        self.secret = secret or {}  # generators whose seeds are never recorded (a DP run's sampling and noise): saved as states
+        self.aux: dict = {}         # what a method fixes once and a resume must keep (a DP run's plan)
         self.shards = shards or Shards()
         self.path = Path(checkpoint) if checkpoint else None
         self.key = {"method": method, **{k: v for k, v in asdict(s).items() if k not in ("time_budget", "iterations", "checkpoint_every", "precision")}}
@@ -216,7 +218,8 @@ class MatchingRun:
         return {"key": json.dumps(self.key, sort_keys=True, default=str), "iteration": self.iteration,
                 "history": json.dumps(self.history), "elapsed": self.elapsed(), "syn": self.syn.detach().clone(),
                 "opt": copy.deepcopy(self.opt.state_dict()), "rng": self.rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "precision": json.dumps(self.precision_record)}
+                "precision": json.dumps(self.precision_record), "aux": json.dumps(self.aux),
+                "secret": {name: g.get_state() for name, g in self.secret.items()}}
 
     def _restore(self) -> None:
         if self.path is None or not self.path.is_file():
@@ -236,6 +239,9 @@ class MatchingRun:
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.history, self.elapsed_before = state["iteration"], json.loads(state["history"]), state["elapsed"]
         self.precision_record = json.loads(state.get("precision") or "null")  # none in an older checkpoint: measured again
+        self.aux = json.loads(state.get("aux") or "{}")
+        for name, g in self.secret.items():
+            g.set_state(state["secret"][name])
         self.snapshot = state
 
 

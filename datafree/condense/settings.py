@@ -73,6 +73,7 @@ class Condensed:
     history: list[dict] = field(default_factory=list)
     init_source: torch.Tensor | None = None   # per image: the source index it started from (-1: not a source image)
     precision: dict = field(default_factory=dict)  # what the matching network's passes ran in, and what was measured
+    privacy: dict | None = None  # a DP run's plan (condense.private.PrivacyPlan) and the steps it made
 
     def cpu(self) -> "Condensed":
         """The result with every tensor on the CPU (where it is written and evaluated)."""

@@ -88,8 +88,6 @@ class DistillConfig:
                                "(attention transfer) and rkd (relational KD), e.g. {rkd: 1.0}; needs the teacher's features",
                                default_factory=dict)
     student_loss: Literal[STUDENT_LOSSES] = describe("the student's loss on teacher logits: kl, or l1 as DFAD", "kl")  # type: ignore[valid-type]
-    freeze_student_bn: bool = describe("hold the student's BatchNorm statistics as they are (its affine weights still "
-                                       "train): for a student that inherits trained weights, as in datafree compress", False)
     student_ema: float = describe("decay of an exponential moving average of the student's weights, which is then the "
                                   "student evaluated and kept (0: off, the raw weights)", 0.0, ge=0, lt=1)
     augment: bool = describe("random affine on pool samples, re-labelled by the teacher", True)

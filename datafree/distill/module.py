@@ -291,10 +291,6 @@ class DistillModule(L.LightningModule):
         # checkpoint carries: a resumed run repeats the uninterrupted one exactly
         torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=self.rng)))
         opt_g, opt_s = self.optimizers()
-        if cfg.freeze_student_bn:  # Lightning puts every submodule in training mode; these stay in evaluation mode
-            for m in self.student.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
         if self.final_start is None and cfg.final_share and self.progress() >= 1 - cfg.final_share:
             self._start_final_share(step)
         lr = self._set_student_lr(opt_s)

@@ -59,7 +59,7 @@ class DSATransform(nn.Module):
 def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models: int | None = None, epochs: int | None = None,
                  seed: int = 0, progress: bool = False, protocol: str = "fixed", report=None,
                  soft_labels: torch.Tensor | None = None, also: dict[str, ImageSet] | None = None,
-                 accelerator: str = "cpu", devices: int = 1, precision: str = "fp32") -> dict:
+                 accelerator: str = "cpu", devices: int = 1, precision: str = "fp32", keep: list | None = None) -> dict:
     """Train ``models`` fresh networks on ``train`` with a named protocol (:data:`PROTOCOLS`); accuracy on ``test``.
 
     ``models`` and ``epochs`` default to the protocol's. Returns ``{"mean", "std", "accuracies",
@@ -72,7 +72,8 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
     that the same trained models are scored on (e.g. a validation split and, for the report, the
     test set): ``result["also"][name]`` has their mean, std and accuracies. ``accelerator``,
     ``devices`` and ``precision`` say where and how the models train (``precision="auto"`` is
-    measured on the first model and kept for the others); the result records what ran.
+    measured on the first model and kept for the others); the result records what ran. ``keep``, a
+    list, receives the trained models (a membership audit attacks one).
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown evaluation protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
@@ -109,6 +110,8 @@ def evaluate_set(train: ImageSet, test: ImageSet, arch: str = "convnet", models:
                        on_epoch=lambda done, i=i: epoch_done(i, done), accelerator=accelerator, devices=devices,
                        precision=Precision(**ran["chosen"]) if ran else precision, record=None if ran else ran)
         accuracies.append(accuracy(model, test))
+        if keep is not None:
+            keep.append(model)
         for name, data in (also or {}).items():
             also_accuracies[name].append(accuracy(model, data))
         bar.set_postfix(last=f"{accuracies[-1]:.2f}%")

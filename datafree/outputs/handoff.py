@@ -243,7 +243,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
                      "teachers": summary.get("teachers"), "ensemble_rule": summary.get("ensemble_rule"),
                      "knowledge": summary.get("knowledge", ["logits (KD)"]),
                      "selection": f"holdout synthetic agreement {card.get('holdout_agreement')}% at round {card.get('selected_step')}"},
-        "audit": _audit_summary(run), "sha256": card.get("sha256"),
+        "audit": _audit_summary(run), "membership": membership_summary(run), "sha256": card.get("sha256"),
         "load": LOAD_SNIPPET.format(shape=spec.describe()),
     }
     if onnx_record:
@@ -378,6 +378,31 @@ def _audit_summary(run: Path) -> dict | None:
             "feature_near_copies": audit.get("feature", {}).get("near_copies"), "real": audit.get("real")}
 
 
+def membership_line(summary: dict | None) -> str:
+    """One line of the membership audit for a card (or how to run it).
+
+    Example:
+        >>> membership_line(None)
+        'not measured (datafree audit RUN --membership --members DATA --non-members DATA:test)'
+    """
+    if not summary:
+        return "not measured (datafree audit RUN --membership --members DATA --non-members DATA:test)"
+    attacks = {k: v for k, v in summary.items() if isinstance(v, dict)}
+    return "; ".join(f"{name}: AUC {a['auc']:.3f}, TPR at 1% FPR {a['tpr_at_0.01_fpr'] * 100:.2f}% "
+                     f"[{a['tpr_at_0.01_fpr_ci'][0] * 100:.2f}, {a['tpr_at_0.01_fpr_ci'][1] * 100:.2f}]"
+                     for name, a in attacks.items()) + f" (members: {summary['members_from']}, non-members: {summary['non_members_from']})"
+
+
+def membership_summary(run: Path) -> dict | None:
+    """The membership audit's figures (``membership.json`` in the run, from ``datafree audit RUN --membership``), or None."""
+    path = run / "membership.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return {"members_from": result.get("members_from"), "non_members_from": result.get("non_members_from"),
+            **{name: {k: v for k, v in attack.items() if k != "roc"} for name, attack in result["attacks"].items()}}
+
+
 def render_card(card: dict) -> str:
     """The model card as Markdown."""
     acc = card["accuracy"] or {}
@@ -387,7 +412,8 @@ def render_card(card: dict) -> str:
              f"- Latency ({card['latency_ms']['machine']}): {card['latency_ms']['batch_1']} ms at batch 1, "
              f"{card['latency_ms']['batch_64']} ms at batch 64",
              f"- Accuracy: {json.dumps(acc)}", f"- Training: {json.dumps(card['training'])}",
-             f"- Privacy audit: {json.dumps(card['audit']) if card['audit'] else 'not audited'}"]
+             f"- Privacy audit: {json.dumps(card['audit']) if card['audit'] else 'not audited'}",
+             f"- Membership inference: {membership_line(card.get('membership'))}"]
     lines += ["", "## Load it", "", "```python", card["load"], "```", ""]
     if "onnx" in card:
         o = card["onnx"]

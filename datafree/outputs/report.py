@@ -185,6 +185,20 @@ def write_report(run) -> Path:
     for title, name in figures:
         if name:
             body.append(f"<h2>{html.escape(title)}</h2><img src='report/{name}' alt='{html.escape(title)}'>")
+    if manifest.get("privacy"):
+        p = manifest["privacy"]
+        body += ["<h2>Differential privacy</h2>", f"<p>{html.escape(p['guarantee'])}. Not guaranteed: "
+                 f"{html.escape('; '.join(p['not_guaranteed']))}.</p>",
+                 _table([("epsilon (spent)", p["epsilon_spent"]), ("delta", p["delta"]), ("noise multiplier", round(p["sigma"], 4)),
+                         ("sample rate", round(p["sample_rate"], 6)), ("steps", f"{p['steps_done']} of {p['steps']}"),
+                         ("clip", p["clip"] or "embeddings scaled to norm 1"),
+                         ("accountant", f"{p['accountant']} {p['accountant_version']}")])]
+    if (run / "membership.json").is_file():
+        m = json.loads((run / "membership.json").read_text())
+        body += ["<h2>Membership inference</h2>", _table([(f"{name}: AUC / TPR at 1% FPR / at 0.1% FPR",
+                                                          f"{a['auc']:.3f} / {a['tpr_at_0.01_fpr'] * 100:.2f}% / "
+                                                          f"{a['tpr_at_0.001_fpr'] * 100:.2f}%") for name, a in m["attacks"].items()]),
+                 "<img src='membership_roc.png' alt='membership ROC'>" if (run / "membership_roc.png").is_file() else ""]
     body += ["<h2>Privacy audit</h2>", _audit_section(run)]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>datafree report</title><style>"
             "body{font-family:sans-serif;max-width:900px;margin:2em auto}table{border-collapse:collapse}"
