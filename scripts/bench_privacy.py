@@ -80,6 +80,9 @@ def dp_sgd_row(dataset: str, epsilon: float, budget_s: float, delta: float = 1e-
     spec = train.spec
     model = create_model("convnet", spec.num_classes, spec.channels, spec.size, width=32, depth=3, norm="instance",
                          first_padding=reference_padding(spec.channels, spec.size))
+    for module in model.modules():  # opacus's per-sample hooks cannot follow an in-place activation
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
     batch, n = 256, len(train)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train.images, train.labels), batch_size=batch, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)

@@ -138,9 +138,7 @@ def test_compress_end_to_end_reads_real_data_only_after_every_stage(tmp_path, mo
     assert "| pruned |" in (out / "COMPRESS.md").read_text() and "## ONNX" in (out / "handoff" / "MODEL_CARD.md").read_text()
     assert json.loads((out / "recovery" / "summary.json").read_text()).get("student_test_accuracy") is None  # recovery read none
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"] == summary["stages"]
-    guard = summary["recovery"]["guard"]
-    assert guard["kept"] in ("pruned", "recovered") and all(0 <= a <= 100 for a in guard["agreement"].values())
-    assert (out / "guard.safetensors").is_file() and guard["images"] == 256
+    assert "guard" not in summary["recovery"] and (out / "guard.safetensors").is_file()  # the check is off by default
 
 
 def test_a_recovery_worse_than_the_pruned_network_is_not_handed_over(tmp_path):

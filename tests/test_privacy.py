@@ -67,6 +67,7 @@ def test_a_dp_condensation_records_its_plan_and_its_epsilon_matches_an_independe
     assert abs(privacy["epsilon_spent"] - recomputed) <= 0.01 * recomputed and privacy["epsilon_spent"] <= 1.0
     assert manifest["init"]["method"] == "noise" and manifest["init"]["from_source_images"] == 0
     assert "guarantee" in privacy and privacy["not_guaranteed"]
+    assert "sha256" not in manifest["source"]  # a hash of the private data is not released
     images, _, _ = load_image_set(tmp_path / "dp")
     assert torch.isfinite(images.images).all()
 

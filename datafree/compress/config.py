@@ -46,6 +46,10 @@ class CompressConfig:
     recalibrate_bn: bool = describe("re-estimate the pruned network's BatchNorm statistics on synthetic images made from "
                                     "noise against the teacher before recovery (no real data; chosen on a validation "
                                     "split, BENCHMARKS.md)", True)
+    check_recovery: bool = describe(
+        "after recovery, score the pruned and the recovered network by teacher agreement on synthetic images made apart "
+        "from the recovery, and hand over the better; off by default: on a validation split it caught a collapsed "
+        "recovery once and discarded a better one once (BENCHMARKS.md)", False)
     time_budget: str | float | None = describe("time for pruning and recovery together, e.g. 10m (the handoff export "
                                                "runs after it); the recovery keeps the best student so far", "10m")
     steps: int | None = describe("recovery rounds instead of a time budget (the distill job's rounds)", ge=1)

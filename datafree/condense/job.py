@@ -175,6 +175,8 @@ def run_condense(job: CondenseJob, notify=None) -> dict:
         from datafree.condense.private import check_private_job
 
         check_private_job(job, data_free, len(source))
+        source_info.pop("sha256")  # a hash of the private data would be released outside the mechanism
+        source_info["sha256_of"] = "not recorded under differential privacy (a hash of the private data is not private)"
         settings["init"] = "noise"
         settings["extra"] = {"dp": {"epsilon": job.dp_epsilon, "delta": job.dp_delta, "clip": job.dp_clip}}
     elif job.dp_clip is not None:

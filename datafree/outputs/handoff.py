@@ -170,7 +170,7 @@ def _accuracy_and_agreement(model, test: ImageSet | None, teacher_logits: torch.
 
 
 def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: bool = False, onnx: bool = True,
-                   overwrite: bool = False, progress: bool = False) -> dict:
+                   overwrite: bool = False, progress: bool = False, fallback_images: torch.Tensor | None = None) -> dict:
     """Write the handoff package of the distill run folder ``run`` into ``out``; return the model card.
 
     ``test`` (real test data, for the card only) and ``teacher`` (for agreement) are optional; the
@@ -180,6 +180,7 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
     (the default) adds ``student.onnx``, exported from ``student.pt2`` and checked against it with
     ONNX Runtime on synthetic images (:func:`datafree.outputs.onnx.export_onnx`). With
     ``progress``, a bar counts the stages (the service's progress file follows them either way).
+    ``fallback_images`` ([0, 1] pixels) stand in for a run whose transfer set is empty.
 
     Example:
         >>> card = export_student("runs/distill", "handoff", int8=True)   # doctest: +SKIP
@@ -206,6 +207,11 @@ def export_student(run, out, test: ImageSet | None = None, teacher=None, int8: b
     stages = Stages((["int8 quantisation"] if int8 else []) + ["program"] + (["onnx"] if onnx else []) + ["accuracy", "latency"]
                     + (["int8 checks"] if int8 else []), "export", progress)
     transfer = transfer_pixels(run, spec) if int8 or onnx else None  # read once: calibration, the ONNX check, agreement
+    if transfer is not None and not len(transfer):
+        if fallback_images is None and int8:
+            raise UserError(f"the transfer set of {str(run)!r} is empty (its synthesis finished no batch), and int8 is "
+                            "calibrated on it: distil for more rounds, or export with --no-int8")
+        transfer = fallback_images if fallback_images is not None else transfer
     quantized = _quantize_run(model, spec, transfer[:CALIBRATION_IMAGES], card.get("arch")) if int8 else None  # before writing
     if int8:
         stages.next()
