@@ -55,7 +55,8 @@ class MembershipConfig:
     reference_pool: int = describe("images not audited that the reference models draw their halves from", 10000, ge=20)
     set_epochs: int = describe("a condensed set: epochs of the ConvNet trained on it (the fixed protocol)", 300, ge=1)
     seed: int = describe("seed of the draws, the reference models and the bootstrap", 0)
-    out: str | None = describe("where membership.json and the ROC plot go (default: the target's folder)")
+    out: str | None = describe("the folder membership.json and membership_roc.png go into (default: the run's folder; "
+                               "beside a model file, as MODEL.membership.json and MODEL.membership_roc.png)")
     data_dir: str | None = describe("root of the real data sets (default $DATAFREE_DATA)")
 
 
@@ -169,9 +170,10 @@ def run_membership_audit(cfg: MembershipConfig, progress: bool = True, notify=pr
                          "non-members; near the FPR itself, the attack does no better than chance there"}
     out = Path(cfg.out) if cfg.out else (folder or Path(cfg.target).parent)
     out.mkdir(parents=True, exist_ok=True)
-    result["written_to"] = str(out / "membership.json")
-    write_json(out / "membership.json", result)
-    plot_roc({Path(cfg.target).name: result}, out / "membership_roc.png")
+    prefix = f"{Path(cfg.target).stem}." if folder is None and cfg.out is None else ""  # beside a model: named after it
+    result["written_to"] = str(out / f"{prefix}membership.json")
+    write_json(out / f"{prefix}membership.json", result)
+    plot_roc({Path(cfg.target).name: result}, out / f"{prefix}membership_roc.png")
     if folder is not None and cfg.out is None and (folder / "manifest.json").is_file():  # audited in place
         manifest = read_json(folder / "manifest.json")
         manifest["membership"] = {"file": "membership.json", "members_from": cfg.members, "non_members_from": cfg.non_members,
