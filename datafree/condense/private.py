@@ -14,10 +14,11 @@ repeated for a number of steps fixed before the first one (as NDPDC, Zheng & Li 
 Everything after step 3 is post-processing. ``sigma`` is calibrated to the target (epsilon, delta)
 for ``q`` and the step count with opacus's PRV accountant (Gopi et al. 2021), tight enough that
 Google's ``dp-accounting`` PLD accountant recomputes the same epsilon within 1% (a test checks). A
-time budget becomes a step count by timing one step on noise images before any private image is
-read. The sampling and the noise draw from the operating system's entropy, not from the seed: a
-seed anyone can read would let them subtract the noise. So a DP run is not repeatable from its seed
-(a resumed run continues from the generators its checkpoint saved).
+time budget becomes a step count by timing steps on noise images before any private image is
+read (the median of a few, after a warm-up). The sampling and the noise draw from the operating
+system's entropy, not from the seed: a seed anyone can read would let them subtract the noise. So a
+DP run is not repeatable from its seed (a resumed run continues from the generators its checkpoint
+saved).
 
 What is guaranteed: the condensed images and labels are (epsilon, delta)-DP with respect to adding
 or removing one private image. What is not: the choice of settings made on the private data,
@@ -222,7 +223,7 @@ def private_dm(source, s, progress, shards, checkpoint=None, resume: bool = Fals
             loss = loss + ((bounded(embedded, dp["clip"]).mean(0) - target) ** 2).sum()
         return loss
 
-    if "plan" not in run.aux:  # a fresh run: time one step on noise, then fix the steps and the noise
+    if "plan" not in run.aux:  # a fresh run: time a few steps on noise, then fix the steps and the noise
         def time_step() -> float:
             fake = torch.randn(max(1, round(rate * n)), *source.images.shape[1:], generator=rng).to(source.images.device)
             labels = torch.randint(k, (len(fake),), generator=rng).to(fake.device)
@@ -242,7 +243,7 @@ def private_dm(source, s, progress, shards, checkpoint=None, resume: bool = Fals
     run.s = type(s)(**{**asdict(s), "iterations": run.aux["plan"]["steps"], "time_budget": None})  # the count ends the run
     with run.saving_on_interrupt():
         while run.next_iteration():
-            chosen = torch.rand(n, generator=sampling) < rate  # Poisson sampling (the same in every process)
+            chosen = torch.rand(n, generator=sampling) < rate  # Poisson sampling (each process uses its own classes' images)
             loss = step(source.images[chosen.to(source.images.device)], source.labels[chosen.to(source.labels.device)], run.iteration)
             run.end_iteration({"match_loss": run.step(loss) / k})  # (the sample's size is private: not logged)
     plan = dict(run.aux["plan"])
