@@ -136,18 +136,33 @@ def run_compress(cfg: CompressConfig, overwrite: bool = False, resume: bool = Fa
         save_model(pruned, pruned_path, card["arch"], spec, card.get("arch_kwargs", {}), trained_by="datafree compress (pruned, "
                    "before recovery)", teacher_sha256=card.get("sha256"), pruning=prune_record)
         write_json(out / "prune.json", prune_record)
-        with no_real_data("the recovery check's images"):
-            guard_images, _ = synthetic_batches(teacher_model, shape, spec.num_classes, images=GUARD_IMAGES, seed=cfg.seed + 1)
-        save_tensors(out / "guard.safetensors", {"images": guard_images})
+        guard_images(out, teacher_model, spec, cfg.seed)
     summary_recovery = _recover(cfg, out, pruned_path, started, resume, progress, notify)
     if cfg.check_recovery:
-        summary_recovery["guard"] = keep_the_better(out, teacher_model, card, spec, notify)
+        summary_recovery["guard"] = keep_the_better(out, teacher_model, card, spec, notify, cfg.seed)
         if summary_recovery["guard"]["kept"] == "pruned":
             summary_recovery["selected_step"] = 0
     return _hand_off(cfg, out, teacher_model, card, spec, prune_record, summary_recovery, progress)
 
 
-def keep_the_better(out: Path, teacher_model, card: dict, spec, notify) -> dict:
+def guard_images(out: Path, teacher_model, spec, seed: int) -> torch.Tensor:
+    """``out/guard.safetensors``, made once (before recovery; a run begun before it existed gets it when
+    first needed): images optimised from noise against the teacher, a class each, another seed than
+    the BN re-estimation's. No real data."""
+    from datafree.base.io import load_tensors
+    from datafree.compress.prune import synthetic_batches
+    from datafree.data.datasets import no_real_data
+
+    path = out / "guard.safetensors"
+    if not path.is_file():
+        with no_real_data("the recovery check's images"):
+            images, _ = synthetic_batches(teacher_model, (spec.channels, spec.size, spec.size), spec.num_classes,
+                                          images=GUARD_IMAGES, seed=seed + 1)
+        save_tensors(path, {"images": images})
+    return load_tensors(path)["images"]
+
+
+def keep_the_better(out: Path, teacher_model, card: dict, spec, notify, seed: int = 0) -> dict:
     """The recovery's check (``check_recovery``): the pruned and the recovered network's class-balanced
     agreement with the teacher on synthetic images made apart from the recovery (``guard.safetensors``:
     from noise against the teacher, a class each, before recovery began). The recovery's own held-out
@@ -157,19 +172,12 @@ def keep_the_better(out: Path, teacher_model, card: dict, spec, notify) -> dict:
     note in its card). Measured (BENCHMARKS.md): it caught a collapsed ResNet-20 recovery (10% on a
     validation split, the pruned network 67%) but also discarded a better one (90%): the pruned
     network's BN statistics were re-estimated on images made the same way, which favours it here."""
-    from datafree.base.io import load_tensors
     from datafree.distill.selection import agreement_on
     from datafree.models.inference import predict
     from datafree.outputs.export import export_program
     from datafree.teachers.formats import load_model, save_model
 
-    if not (out / "guard.safetensors").is_file():  # a run begun before the check existed
-        from datafree.compress.prune import synthetic_batches
-
-        shape = (spec.channels, spec.size, spec.size)
-        save_tensors(out / "guard.safetensors", {"images": synthetic_batches(teacher_model, shape, spec.num_classes,
-                                                                             images=GUARD_IMAGES, seed=1)[0]})
-    images = load_tensors(out / "guard.safetensors")["images"]
+    images = guard_images(out, teacher_model, spec, seed)
     t_logits = predict(teacher_model, images)
     pruned, _ = load_model(out / "pruned.safetensors")
     recovered, recovered_card = load_model(out / "recovery" / "student.safetensors")
@@ -210,10 +218,7 @@ def _hand_off(cfg: CompressConfig, out: Path, teacher_model, card: dict, spec, p
     from datafree.outputs.handoff import export_student, render_card
 
     handoff = out / "handoff"
-    from datafree.base.io import load_tensors
-
-    guard = out / "guard.safetensors"  # (a run begun before it existed has none)
-    guard_pixels = spec.denormalize(load_tensors(guard)["images"]).clamp(0, 1) if guard.is_file() else None  # for an empty transfer set
+    guard_pixels = spec.denormalize(guard_images(out, teacher_model, spec, cfg.seed)).clamp(0, 1)  # for an empty transfer set
     model_card = export_student(out / "recovery", handoff, int8=cfg.int8, onnx=cfg.onnx, overwrite=True, progress=progress,
                                 fallback_images=guard_pixels)
     stages = stage_table(cfg, out, teacher_model, spec)
