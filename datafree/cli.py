@@ -410,7 +410,8 @@ def cmd_audit(args) -> int:
     return 0 if report["verdict"] != "fail" or not args.strict else 1
 
 
-MEMBERSHIP_FLAGS = ["members", "non_members", "samples", "references", "reference_epochs", "reference_pool", "set_epochs", "seed"]
+MEMBERSHIP_FLAGS = ["members", "non_members", "samples", "references", "reference_epochs", "reference_pool", "reference_data",
+                    "set_epochs", "seed"]
 
 
 def cmd_membership_audit(args) -> int:

@@ -12,7 +12,16 @@ Membership rows (``--audit``; members: the training split, non-members: the test
 teacher (the reference point), a data-free student distilled from it for ``--distill-budget``, and
 ConvNets trained on sets started from real images, from k-means centres, and made under DP.
 
+Canary rows (``--canaries N``, the worst case): 2N training images beyond the first
+``--canary-clean`` get a random wrong label; a random half of them is planted into those clean
+images, the other half is not. A teacher of the shipped teacher's architecture trains on the clean
+images and the planted canaries for a number of epochs fixed here (``CANARY_TEACHER_EPOCHS``), and
+the same targets as above are made from it and its data; each is audited with the planted canaries
+as members and the others as non-members (LiRA's reference models train on the test split). A
+mislabelled image can only be recognised by a model that saw it, so this is where leakage shows.
+
     DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --datasets mnist,fashion-mnist --ipc 10,50 --epsilons 1,10 --budget 15m --audit
+    DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --datasets mnist --ipc 10 --epsilons 1,10 --budget 3m --baselines "" --canaries 500
     DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --quick      # a smoke run of the script
 
 Writes ``bench/privacy.json`` (after every row, with the command and the machine) and the tables into
@@ -41,13 +50,15 @@ PUBLISHED = {  # (data set, ipc, epsilon): (method, accuracy), from the issue's 
     ("fashion-mnist", 50, 1.0): "NDPDC 78.8, Dosser 81.8 (auxiliary images)",
 }
 TEACHERS = {"mnist": "assets/teachers/mnist_lenet5.safetensors", "fashion-mnist": "assets/teachers/fmnist_convnet.safetensors"}
+CANARY_TEACHER_EPOCHS = 30  # fixed before any canary run: enough for the clean images, long enough to memorise some canaries
 
 
-def condense_row(dataset: str, ipc: int, epsilon: float | None, budget: str, models: int, epochs: int, out: Path, init=None) -> dict:
+def condense_row(source: str, ipc: int, epsilon: float | None, budget: str, models: int, epochs: int, out: Path, init=None) -> dict:
+    """One condensed set of ``source`` (a data set name or an .npz), scored by ``models`` ConvNets (0: not scored)."""
     from datafree.condense.config import job_from_dict
     from datafree.condense.job import run_condense
 
-    fields = {"source": dataset, "ipc": ipc, "time_budget": budget, "out": str(out), "overwrite": True, "progress": False,
+    fields = {"source": source, "ipc": ipc, "time_budget": budget, "out": str(out), "overwrite": True, "progress": False,
               "evaluate": models, "epochs": epochs}
     if epsilon is not None:
         fields["dp_epsilon"] = epsilon
@@ -56,7 +67,8 @@ def condense_row(dataset: str, ipc: int, epsilon: float | None, budget: str, mod
     started = time.monotonic()
     summary = run_condense(job_from_dict(fields))
     manifest = json.loads((out / "manifest.json").read_text())
-    row = {"accuracy": manifest["evaluation"]["mean"], "std": manifest["evaluation"]["std"],
+    evaluation = manifest.get("evaluation", {})
+    row = {"accuracy": evaluation.get("mean"), "std": evaluation.get("std"),
            "condense_s": manifest["seconds"], "wall_s": round(time.monotonic() - started, 1), "iterations": summary["iterations"],
            "init": manifest["init"]["method"], "out": str(out.relative_to(ROOT))}
     if "privacy" in manifest:
@@ -83,7 +95,7 @@ def dp_sgd_row(dataset: str, epsilon: float, budget_s: float, delta: float = 1e-
     for module in model.modules():  # opacus's per-sample hooks cannot follow an in-place activation
         if isinstance(module, torch.nn.ReLU):
             module.inplace = False
-    batch, n = 256, len(train)
+    batch = 256
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train.images, train.labels), batch_size=batch, shuffle=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     engine = PrivacyEngine(accountant="prv")
@@ -123,32 +135,109 @@ def dp_sgd_row(dataset: str, epsilon: float, budget_s: float, delta: float = 1e-
             "epsilon_spent": round(spent, 4), "seconds": round(time.monotonic() - started, 1), "per_step_s": round(per_step, 4)}
 
 
-def audit_rows(dataset: str, runs: dict[str, Path], distill_budget: str, samples: int, references: int, out: Path) -> dict:
+def audit_rows(label: str, teacher: Path, runs: dict[str, Path], distill_budget: str, out: Path, **membership) -> dict:
+    """Audit the teacher, a data-free student distilled from it, and the models trained on ``runs``' sets;
+    ``membership``: the audit's fields (members, non_members, samples, references, ...)."""
     from datafree.distill.job import run_distill
     from datafree.distill.presets import resolve_distill_config
     from datafree.outputs.membership_job import membership_config, run_membership_audit
 
-    targets = {"teacher": ROOT / TEACHERS[dataset]}
-    student_run = out / f"{dataset}-student"
-    run_distill(resolve_distill_config(overrides={"teacher": str(targets["teacher"]), "out": str(student_run),
+    targets = {"teacher": teacher}
+    student_run = out / f"{label}-student"
+    run_distill(resolve_distill_config(overrides={"teacher": str(teacher), "out": str(student_run),
                                                   "time_budget": distill_budget}), overwrite=True, progress=False, notify=lambda m: None)
     targets["data-free student"] = student_run
     targets.update(runs)
     rows = {}
     for name, target in targets.items():
-        cfg = membership_config({"target": str(target), "members": dataset, "non_members": f"{dataset}:test", "samples": samples,
-                                 "references": references, "out": str(out / "membership" / f"{dataset}-{name.replace(' ', '_')}")})
+        cfg = membership_config({"target": str(target), **membership,
+                                 "out": str(out / "membership" / f"{label}-{name.replace(' ', '_')}")})
         result = run_membership_audit(cfg, progress=False, notify=lambda m: None)
         rows[name] = {a: {k: v for k, v in r.items() if k != "roc"} for a, r in result["attacks"].items()}
         rows[name]["accuracy"] = result["accuracy"]
-        print(f"  audit {dataset} {name:<22} " + "  ".join(
+        print(f"  audit {label} {name:<22} " + "  ".join(
             f"{a} AUC {r['auc']:.3f} TPR@1% {r['tpr_at_0.01_fpr'] * 100:.2f}% [{r['tpr_at_0.01_fpr_ci'][0] * 100:.2f}, "
             f"{r['tpr_at_0.01_fpr_ci'][1] * 100:.2f}]" for a, r in result["attacks"].items()), flush=True)
     return rows
 
 
+def plant_canaries(dataset: str, count: int, clean: int, folder: Path, seed: int = 0) -> dict[str, Path]:
+    """Write the canary audit's data as .npz files of 8-bit pixels into ``folder``: ``train`` (the first
+    ``clean`` training images and ``count`` planted canaries), ``members`` (the planted canaries),
+    ``non_members`` (``count`` canaries never planted). A canary is a training image beyond the first
+    ``clean`` with a random wrong label."""
+    import numpy as np
+
+    from datafree.data.datasets import load_dataset
+
+    train = load_dataset(dataset, train=True)
+    if clean + 2 * count > len(train):
+        raise SystemExit(f"--canary-clean {clean} and 2 x {count} canaries exceed the {len(train)} training images")
+    g = torch.Generator().manual_seed(seed)
+    pixels = (train.spec.denormalize(train.images) * 255).round().clamp(0, 255).to(torch.uint8)
+    k = train.spec.num_classes
+    picked = clean + torch.randperm(len(train) - clean, generator=g)[:2 * count]
+    wrong = (train.labels[picked] + torch.randint(1, k, (2 * count,), generator=g)) % k
+    planted, kept_out = torch.arange(count), torch.arange(count, 2 * count)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"train": folder / f"{dataset}-canary-train.npz", "members": folder / f"{dataset}-canaries-planted.npz",
+             "non_members": folder / f"{dataset}-canaries-not-planted.npz"}
+    arrays = {"train": (torch.cat([pixels[:clean], pixels[picked[planted]]]), torch.cat([train.labels[:clean], wrong[planted]])),
+              "members": (pixels[picked[planted]], wrong[planted]), "non_members": (pixels[picked[kept_out]], wrong[kept_out])}
+    for name, (x, y) in arrays.items():
+        np.savez(files[name], x=x.numpy(), y=y.numpy())
+    return files
+
+
+def canary_teacher(dataset: str, train_file: Path, path: Path, seed: int = 0) -> Path:
+    """A teacher of the shipped teacher's architecture trained on ``train_file`` (clean images and planted canaries)."""
+    from datafree.data.datasets import load_dataset
+    from datafree.models.training import fit_supervised
+    from datafree.models.zoo import create_model
+    from datafree.teachers.formats import load_model, save_model
+
+    card = load_model(ROOT / TEACHERS[dataset])[1]
+    train = load_dataset(str(train_file))
+    torch.manual_seed(seed)
+    model = create_model(card["arch"], train.spec.num_classes, train.spec.channels, train.spec.size, **card.get("arch_kwargs", {}))
+    fit_supervised(model, train, epochs=CANARY_TEACHER_EPOCHS, seed=seed, progress=False)
+    save_model(model.eval(), path, card["arch"], train.spec, card.get("arch_kwargs", {}), dataset=dataset,
+               trained_on=f"{train_file.name}: clean training images and planted canaries (bench_privacy.py)")
+    return path
+
+
+def canary_rows(dataset: str, args, base: Path) -> dict:
+    """The canary audit of one data set: plant, train the teacher, make the sets, audit everything."""
+    folder = base / f"{dataset}-canaries"
+    files = plant_canaries(dataset, args.canaries, args.canary_clean, folder)
+    teacher = canary_teacher(dataset, files["train"], folder / "teacher.safetensors")
+    ipc = int(args.ipc.split(",")[0])
+    runs = {}
+    for label, epsilon, init in [("real-image start", None, "real"), ("k-means start", None, None),
+                                 *[(f"DP eps {e:g}", float(e), None) for e in args.epsilons.split(",")]]:
+        out = folder / f"set-{label.replace(' ', '-')}"
+        condense_row(str(files["train"]), ipc, epsilon, args.budget, 0, args.epochs, out, init=init)
+        runs[f"set, {label} (ipc {ipc})"] = out
+    return audit_rows(f"{dataset}-canaries", teacher, runs, args.distill_budget, folder, members=str(files["members"]),
+                      non_members=str(files["non_members"]), samples=args.canaries, references=args.references,
+                      reference_data=f"{dataset}:test")
+
+
+def audit_table(title: str, audits: dict) -> list[str]:
+    lines = ["", title, "", "| data set | model | attack | AUC [95%] | TPR at 1% FPR [95%] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|"]
+    for dataset, rows in audits.items():
+        for name, attacks in rows.items():
+            for attack, r in attacks.items():
+                if attack == "accuracy":
+                    continue
+                lines.append(f"| {dataset} | {name} | {attack} | {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | "
+                             f"{r['tpr_at_0.01_fpr'] * 100:.2f}% [{r['tpr_at_0.01_fpr_ci'][0] * 100:.2f}, "
+                             f"{r['tpr_at_0.01_fpr_ci'][1] * 100:.2f}] | {r['tpr_at_0.001_fpr'] * 100:.2f}% |")
+    return lines
+
+
 def tables(result: dict) -> str:
-    lines = [f"Command: `{result['command']}` ({result['date']}, {result['machine']}).", "",
+    lines = [*(f"Command: `{r['command']}` ({r['date']}, {r['machine']})." for r in result.get("runs", [result])), "",
              "| data set | ipc | epsilon | DP condensation % | DP-SGD, same epsilon and minutes % | non-private default % | published |",
              "|---|---|---|---|---|---|---|"]
     for r in result["condensation"]:
@@ -157,15 +246,10 @@ def tables(result: dict) -> str:
                      f"(eps {dp.get('privacy', {}).get('epsilon_spent', '-')}, {dp.get('privacy', {}).get('steps', '-')} steps) | "
                      f"{sgd.get('accuracy', '-')} | {plain.get('accuracy', '-')} | {PUBLISHED.get((r['dataset'], r['ipc'], r['epsilon']), '-')} |")
     if result.get("membership"):
-        lines += ["", "| data set | model | attack | AUC [95%] | TPR at 1% FPR [95%] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|"]
-        for dataset, rows in result["membership"].items():
-            for name, attacks in rows.items():
-                for attack, r in attacks.items():
-                    if attack == "accuracy":
-                        continue
-                    lines.append(f"| {dataset} | {name} | {attack} | {r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}] | "
-                                 f"{r['tpr_at_0.01_fpr'] * 100:.2f}% [{r['tpr_at_0.01_fpr_ci'][0] * 100:.2f}, "
-                                 f"{r['tpr_at_0.01_fpr_ci'][1] * 100:.2f}] | {r['tpr_at_0.001_fpr'] * 100:.2f}% |")
+        lines += audit_table("Membership (members: the training split; non-members: the test split):", result["membership"])
+    if result.get("canaries"):
+        lines += audit_table(f"Canaries (members: {result['canary_count']} mislabelled images planted into the teacher's "
+                             "training data; non-members: as many not planted):", result["canaries"])
     return "\n".join(lines)
 
 
@@ -184,6 +268,10 @@ def main():
     parser.add_argument("--distill-budget", default="5m", help="--audit: the data-free student's distillation time")
     parser.add_argument("--samples", type=int, default=1000, help="--audit: audited images on each side")
     parser.add_argument("--references", type=int, default=4, help="--audit: LiRA reference models")
+    parser.add_argument("--canaries", type=int, default=0, help="the canary audit with this many planted canaries (0: none)")
+    parser.add_argument("--canary-clean", type=int, default=20000, help="--canaries: clean training images of the canary teacher")
+    parser.add_argument("--skip-condensation", action="store_true", help="no condensation table (e.g. the canary audit only)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out that this invocation does not redo")
     parser.add_argument("--quick", action="store_true", help="a smoke run: mnist, ipc 1, epsilon 1, 20 s, 1 model x 20 epochs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "privacy.json"))
     parser.add_argument("--no-markdown", action="store_true")
@@ -191,11 +279,22 @@ def main():
     if args.quick:
         args.datasets, args.ipc, args.epsilons, args.budget, args.models, args.epochs = "mnist", "1", "1", "20s", 1, 20
         args.distill_budget, args.samples, args.references = "20s", 200, 1
+        args.canaries = args.canaries and 50
         args.out, args.no_markdown = str(ROOT / "runs" / "bench" / "privacy_quick.json"), True
     torch.set_num_threads(2)
-    result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "budget": args.budget, "condensation": [], "membership": {}}
+    command = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+    result = {"runs": [], "condensation": [], "membership": {}, "canaries": {}}
+    if args.merge and Path(args.out).is_file():  # rows of earlier invocations stay unless this one redoes them
+        earlier = json.loads(Path(args.out).read_text())
+        result |= earlier | {"runs": earlier.get("runs", [{k: earlier[k] for k in ("command", "date", "machine", "budget")
+                                                             if k in earlier}])}
+        for row in result["condensation"]:
+            row.setdefault("budget", earlier.get("budget"))
+    result["runs"].append(command | {"budget": args.budget})
+    result |= command | {"budget": args.budget}
+    if args.canaries:
+        result |= {"canary_count": args.canaries, "canary_teacher_epochs": CANARY_TEACHER_EPOCHS}
     base = ROOT / "runs" / "bench" / "privacy"
     baselines = [b for b in args.baselines.split(",") if b]
 
@@ -205,10 +304,12 @@ def main():
 
     for dataset in args.datasets.split(","):
         plain_done: dict[int, dict] = {}
+        sgd_done = {r["epsilon"]: r["dp-sgd"] for r in result["condensation"]  # DP-SGD trains on the real data: one model
+                    if r["dataset"] == dataset and "dp-sgd" in r and r["budget"] == args.budget}  # for every ipc
         audit_runs: dict[str, Path] = {}
-        for ipc in map(int, args.ipc.split(",")):
+        for ipc in map(int, args.ipc.split(",")) if not args.skip_condensation else ():
             for epsilon in map(float, args.epsilons.split(",")):
-                row = {"dataset": dataset, "ipc": ipc, "epsilon": epsilon}
+                row = {"dataset": dataset, "ipc": ipc, "epsilon": epsilon, "budget": args.budget}
                 out = base / f"{dataset}-ipc{ipc}-eps{epsilon:g}"
                 row["dp"] = condense_row(dataset, ipc, epsilon, args.budget, args.models, args.epochs, out)
                 audit_runs.setdefault(f"set, DP eps {epsilon:g} (ipc {ipc})", out)
@@ -218,8 +319,11 @@ def main():
                         audit_runs.setdefault(f"set, k-means start (ipc {ipc})", base / f"{dataset}-ipc{ipc}-kmeans")
                     row["non-private"] = plain_done[ipc]
                 if "dp-sgd" in baselines:
-                    row["dp-sgd"] = dp_sgd_row(dataset, epsilon, parse_duration(args.budget))
-                result["condensation"].append(row)
+                    if epsilon not in sgd_done:
+                        sgd_done[epsilon] = dp_sgd_row(dataset, epsilon, parse_duration(args.budget))
+                    row["dp-sgd"] = sgd_done[epsilon]
+                result["condensation"] = [r for r in result["condensation"]
+                                          if (r["dataset"], r["ipc"], r["epsilon"]) != (dataset, ipc, epsilon)] + [row]
                 print(f"{dataset} ipc {ipc} eps {epsilon:g}: " + ", ".join(f"{k} {v['accuracy']}" for k, v in row.items()
                                                                            if isinstance(v, dict)), flush=True)
                 save()
@@ -228,7 +332,12 @@ def main():
             real_start = base / f"{dataset}-ipc{ipc}-real"
             condense_row(dataset, ipc, None, args.budget, 1, args.epochs, real_start, init="real")
             audit_runs[f"set, real-image start (ipc {ipc})"] = real_start
-            result["membership"][dataset] = audit_rows(dataset, audit_runs, args.distill_budget, args.samples, args.references, base)
+            result["membership"][dataset] = audit_rows(dataset, ROOT / TEACHERS[dataset], audit_runs, args.distill_budget, base,
+                                                       members=dataset, non_members=f"{dataset}:test", samples=args.samples,
+                                                       references=args.references)
+            save()
+        if args.canaries:
+            result["canaries"][dataset] = canary_rows(dataset, args, base)
             save()
     print(tables(result))
     if not args.no_markdown:

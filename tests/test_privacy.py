@@ -173,3 +173,38 @@ def test_a_membership_audit_without_both_sides_is_refused(args, words):
     done = subprocess.run([sys.executable, "-m", "datafree.cli", "audit", "assets/teachers/mnist_lenet5.safetensors",
                            "--membership", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
+
+
+def _pixels_npz(path, images, labels, spec):
+    import numpy as np
+
+    np.savez(path, x=(spec.denormalize(images) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), y=labels.numpy())
+    return str(path)
+
+
+@pytest.mark.real_data
+def test_canary_style_audit_with_every_member_audited_uses_reference_data_and_refuses_audited_references(tmp_path):
+    """All 200 members are audited, so LiRA's reference models need images from elsewhere: given as
+    reference_data, they are used and named; reference data that holds an audited image is refused."""
+    from datafree.data.datasets import ImageSet, load_dataset
+    from datafree.models.training import fit_supervised
+    from datafree.models.zoo import create_model
+    from datafree.outputs.membership_job import membership_config, run_membership_audit
+    from datafree.teachers.formats import save_model
+
+    train, test = load_dataset("mnist", train=True), load_dataset("mnist", train=False)
+    members = ImageSet(train.images[:200], train.labels[:200], train.spec)
+    overfit = fit_supervised(create_model("lenet5_half"), members, epochs=40, batch_size=50, progress=False)
+    save_model(overfit.eval(), tmp_path / "overfit.safetensors", "lenet5_half", train.spec)
+    fields = {"target": str(tmp_path / "overfit.safetensors"), "samples": 200, "references": 1, "reference_epochs": 1,
+              "reference_pool": 600, "out": str(tmp_path / "audit"),
+              "members": _pixels_npz(tmp_path / "members.npz", members.images, members.labels, train.spec),
+              "non_members": _pixels_npz(tmp_path / "non_members.npz", test.images[:200], test.labels[:200], test.spec)}
+    with pytest.raises(UserError, match="200 of the images in reference_data 'mnist:test' are audited images"):
+        run_membership_audit(membership_config(fields | {"reference_data": "mnist:test"}), progress=False)
+    with pytest.raises(UserError, match="at least 20 images that are not audited"):
+        run_membership_audit(membership_config(fields), progress=False)
+    others = _pixels_npz(tmp_path / "others.npz", test.images[200:1000], test.labels[200:1000], test.spec)
+    result = run_membership_audit(membership_config(fields | {"reference_data": others}), progress=False)
+    assert result["reference_models"]["drawn_from"] == others and result["reference_models"]["count"] == 1
+    assert result["attacks"]["lira"]["auc"] > 0.75 and result["attacks"]["loss"]["auc"] > 0.75

@@ -264,6 +264,9 @@ def test_derived_jobs_audit_export_condense(server, finished_distill, mnist_cond
     assert r.status_code == 422 and "membership" in r.json()["detail"]
     r = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id, "membership": True, "members": "mnist"}})
     assert r.status_code == 422 and "non-members" in r.json()["detail"]
+    r = server.client.post("/v1/jobs", json={"kind": "audit", "config": {"job": distill_id, "membership": True, "members": "mnist",
+                                                                         "non_members": "mnist:test", "reference_data": "mnist:val"}})
+    assert r.status_code == 422 and "unknown split 'val'" in r.json()["detail"]
     membership = server.client.post("/v1/jobs", json={"kind": "audit", "config": {
         "job": distill_id, "membership": True, "members": "mnist", "non_members": "mnist:test", "samples": 100, "references": 1}}).json()
     export = server.client.post("/v1/jobs", json={"kind": "export", "config": {"job": distill_id}}).json()
@@ -279,6 +282,7 @@ def test_derived_jobs_audit_export_condense(server, finished_distill, mnist_cond
     assert _wait(server.client, membership["id"])["state"] == "succeeded", server.client.get(f"/v1/jobs/{membership['id']}").json()
     attacked = server.client.get(f"/v1/jobs/{membership['id']}/artifacts/membership.json").json()
     assert attacked["kind"] == "distill run's student" and set(attacked["attacks"]) == {"loss", "lira"}
+    assert attacked["reference_models"]["drawn_from"] == "the members and non-members not audited"
     card = server.client.get(f"/v1/jobs/{export['id']}/artifacts/model_card.json").json()
     assert card["latency_ms"]["batch_1"] > 0
     import zipfile

@@ -53,6 +53,10 @@ class MembershipConfig:
                                "audited (0: the loss-threshold attack only)", 4, ge=0)
     reference_epochs: int = describe("epochs of each reference model", 3, ge=1)
     reference_pool: int = describe("images not audited that the reference models draw their halves from", 10000, ge=20)
+    reference_data: str | None = describe("where the reference models' images come from: a data set name with an optional "
+                                          "split, a folder or an .npz, holding none of the audited images (default: the "
+                                          "members and non-members not audited; needed when every member is audited, as "
+                                          "with canaries)")
     set_epochs: int = describe("a condensed set: epochs of the ConvNet trained on it (the fixed protocol)", 300, ge=1)
     seed: int = describe("seed of the draws, the reference models and the bootstrap", 0)
     out: str | None = describe("the folder membership.json and membership_roc.png go into (default: the run's folder; "
@@ -128,6 +132,19 @@ def in_input_space(data, spec):
     return ImageSet(spec.normalize(data.spec.denormalize(data.images)), data.labels, spec, name=data.name)
 
 
+def check_disjoint(pool, audited: list[torch.Tensor], name: str) -> None:
+    """Refuse reference data that holds an audited image (compared as 8-bit pixels): a reference
+    model trained on it would be an IN model, and offline LiRA assumes none is."""
+    def keys(images: torch.Tensor):
+        return (bytes(x.numpy().tobytes()) for x in (pool.spec.denormalize(images) * 255).round().clamp(0, 255).to(torch.uint8))
+
+    seen = {key for part in audited for key in keys(part)}
+    shared = sum(key in seen for key in keys(pool.images))
+    if shared:
+        raise UserError(f"{shared} of the images in reference_data {name!r} are audited images; the reference models "
+                        "must train on images that are not audited")
+
+
 def run_membership_audit(cfg: MembershipConfig, progress: bool = True, notify=print) -> dict:
     """Audit ``cfg.target``; write ``membership.json`` and ``membership_roc.png``; return the result."""
     from datafree.base.io import read_json, write_json
@@ -150,8 +167,15 @@ def run_membership_audit(cfg: MembershipConfig, progress: bool = True, notify=pr
         why_none = "the target is a program without a zoo architecture: reference models cannot be built like it"
         notify(f"note: {why_none}; the loss-threshold attack only")
     elif cfg.references:
-        rest = ImageSet(torch.cat([members.images[m_order[cfg.samples:]], non_members.images[n_order[cfg.samples:]]]),
-                        torch.cat([members.labels[m_order[cfg.samples:]], non_members.labels[n_order[cfg.samples:]]]), spec)
+        if cfg.reference_data:
+            rest = in_input_space(load_split(cfg.reference_data, cfg.data_dir), spec)
+            check_disjoint(rest, [members.images[audited_m], non_members.images[audited_n]], cfg.reference_data)
+        else:
+            rest = ImageSet(torch.cat([members.images[m_order[cfg.samples:]], non_members.images[n_order[cfg.samples:]]]),
+                            torch.cat([members.labels[m_order[cfg.samples:]], non_members.labels[n_order[cfg.samples:]]]), spec)
+        if len(rest) < 20:
+            raise UserError(f"the reference models need at least 20 images that are not audited; there are {len(rest)} "
+                            "(audit fewer samples, or give reference_data)")
         pool = pick(rest, torch.randperm(len(rest), generator=g)[:cfg.reference_pool])
         from tqdm.auto import tqdm
 
@@ -164,6 +188,7 @@ def run_membership_audit(cfg: MembershipConfig, progress: bool = True, notify=pr
     result = {"target": str(cfg.target), "kind": kind, "members_from": cfg.members, "non_members_from": cfg.non_members,
               **result, "reference_models": {"count": len(references), "arch": arch, "epochs": cfg.reference_epochs,
                                              "pool": cfg.reference_pool, "trained_on": "random halves of images not audited",
+                                             "drawn_from": cfg.reference_data or "the members and non-members not audited",
                                              **({"none_because": why_none} if why_none else {})},
               "seconds": round(time.monotonic() - started, 1),
               "reading": "TPR at a low FPR is the share of members an attacker finds while wrongly accusing that share of "

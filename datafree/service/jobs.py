@@ -38,7 +38,8 @@ CONDENSE_SERVER_FIELDS = {"out", "data_dir", "download", "devices", "num_nodes",
 DEVICE_KINDS = ("distill", "condense", "evaluate", "compress")  # the jobs that train networks: they run on the server's accelerator
 EVALUATE_FIELDS = {"job": str, "arch": str, "models": int, "epochs": int, "test": str, "protocol": str, "soft_labels": bool}
 AUDIT_FIELDS = {"job": str, "real": str, "membership": bool, "members": str, "non_members": str, "samples": int,
-                "references": int}  # membership: the membership-inference audit of the job's student or set
+                "references": int, "reference_data": str}  # membership: the membership-inference audit of the job's student or set
+MEMBERSHIP_KEYS = ("members", "non_members", "samples", "references", "reference_data")  # passed on to `audit --membership`
 EXPORT_FIELDS = {"job": str, "int8": bool, "onnx": bool, "test": str}
 COMPRESS_SERVER_FIELDS = {"out", "data_dir", "accelerator"}  # a path or the server's hardware
 
@@ -181,12 +182,14 @@ def validate_job(store, kind: str, config: dict) -> dict:
         config = _check_fields(config, AUDIT_FIELDS, ("job",))
         _finished_job(store, config["job"], ("distill", "condense"))
         _data_name(config.get("real"), "real")
-        membership = {k: config[k] for k in ("members", "non_members", "samples", "references") if k in config}
+        membership = {k: config[k] for k in MEMBERSHIP_KEYS if k in config}
         if config.get("membership"):
             from datafree.outputs.membership_job import membership_config
 
             membership_config(membership | {"target": "job"})  # both sides given, types and ranges, in its words
-            for field in ("members", "non_members"):
+            for field in ("members", "non_members", "reference_data"):
+                if field not in config:
+                    continue
                 name, _, split = config[field].partition(":")
                 _data_name(name, field)
                 if split not in ("", "train", "test"):
@@ -291,7 +294,7 @@ def _job_arguments(store, job: dict, kind: str, config: dict, out: Path, resume:
         out.mkdir(parents=True, exist_ok=True)
         if config.get("membership"):
             argv += ["audit", str(_run_of(store, config["job"])), "--membership", "--out", str(out), "--no-progress"]
-            for key in ("members", "non_members", "samples", "references"):
+            for key in MEMBERSHIP_KEYS:
                 if key in config:
                     argv += ["--" + key.replace("_", "-"), str(config[key])]
             return argv
