@@ -189,20 +189,24 @@ def plant_canaries(dataset: str, count: int, clean: int, folder: Path, seed: int
     return files
 
 
-def canary_teacher(dataset: str, train_file: Path, path: Path, seed: int = 0) -> Path:
-    """A teacher of the shipped teacher's architecture trained on ``train_file`` (clean images and planted canaries)."""
+def canary_teacher(dataset: str, train_file: Path, path: Path, key: str, seed: int = 0) -> Path:
+    """A teacher of the shipped teacher's architecture trained on ``train_file`` (clean images and planted
+    canaries); one trained before with the same ``key`` (the canaries' settings) is kept."""
     from datafree.data.datasets import load_dataset
     from datafree.models.training import fit_supervised
     from datafree.models.zoo import create_model
     from datafree.teachers.formats import load_model, save_model
 
+    key = f"{key}, {CANARY_TEACHER_EPOCHS} epochs, seed {seed}"
+    if path.with_suffix(".json").is_file() and json.loads(path.with_suffix(".json").read_text()).get("canary_key") == key:
+        return path
     card = load_model(ROOT / TEACHERS[dataset])[1]
     train = load_dataset(str(train_file))
     torch.manual_seed(seed)
     model = create_model(card["arch"], train.spec.num_classes, train.spec.channels, train.spec.size, **card.get("arch_kwargs", {}))
     fit_supervised(model, train, epochs=CANARY_TEACHER_EPOCHS, seed=seed, progress=False)
     save_model(model.eval(), path, card["arch"], train.spec, card.get("arch_kwargs", {}), dataset=dataset,
-               trained_on=f"{train_file.name}: clean training images and planted canaries (bench_privacy.py)")
+               trained_on=f"{train_file.name}: clean training images and planted canaries (bench_privacy.py)", canary_key=key)
     return path
 
 
@@ -210,11 +214,12 @@ def canary_rows(dataset: str, args, base: Path) -> dict:
     """The canary audit of one data set: plant, train the teacher, make the sets, audit everything."""
     folder = base / f"{dataset}-canaries"
     files = plant_canaries(dataset, args.canaries, args.canary_clean, folder)
-    teacher = canary_teacher(dataset, files["train"], folder / "teacher.safetensors")
+    teacher = canary_teacher(dataset, files["train"], folder / "teacher.safetensors",
+                             f"{args.canaries} canaries, {args.canary_clean} clean images")
     ipc = int(args.ipc.split(",")[0])
     runs = {}
     for label, epsilon, init in [("real-image start", None, "real"), ("k-means start", None, None),
-                                 *[(f"DP eps {e:g}", float(e), None) for e in args.epsilons.split(",")]]:
+                                 *[(f"DP eps {float(e):g}", float(e), None) for e in args.epsilons.split(",")]]:
         out = folder / f"set-{label.replace(' ', '-')}"
         condense_row(str(files["train"]), ipc, epsilon, args.budget, 0, args.epochs, out, init=init)
         runs[f"set, {label} (ipc {ipc})"] = out

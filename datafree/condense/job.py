@@ -218,6 +218,9 @@ def privacy_record(plan: dict, soft_labels: bool) -> dict:
     not_guaranteed = ["the choice of settings made on the private data", "any evaluation on a real test set"]
     if soft_labels:
         not_guaranteed.insert(0, "the soft labels: a model trained without DP made them")
+    if done < plan["steps"]:
+        record["stopped_early"] = (f"the time budget ran out after {done} of {plan['steps']} planned steps (the machine ran "
+                                   f"slower than its timed steps): epsilon spent is {spent:.3g}, below the target {plan['epsilon']:g}")
     return record | {"steps_done": done, "epsilon_spent": round(spent, 4),
                      "guarantee": f"the condensed images{' and hard labels' if soft_labels else ' and labels'} are "
                                   f"({spent:.3g}, {plan['delta']:g})-differentially private with respect to adding or "

@@ -15,7 +15,8 @@ Everything after step 3 is post-processing. ``sigma`` is calibrated to the targe
 for ``q`` and the step count with opacus's PRV accountant (Gopi et al. 2021), tight enough that
 Google's ``dp-accounting`` PLD accountant recomputes the same epsilon within 1% (a test checks). A
 time budget becomes a step count by timing steps on noise images before any private image is
-read (the median of a few, after a warm-up). The sampling and the noise draw from the operating
+read (the median of a few, after a warm-up); if the machine slows down later, the run still stops at
+the budget, having spent less epsilon than planned (recorded). The sampling and the noise draw from the operating
 system's entropy, not from the seed: a seed anyone can read would let them subtract the noise. So a
 DP run is not repeatable from its seed (a resumed run continues from the generators its checkpoint
 saved).
@@ -133,12 +134,14 @@ def sample_rate_for(real_per_class: int, num_classes: int, private_images: int) 
 
 def plan_privacy(epsilon: float, delta: float, clip: float | None, private_images: int, sample_rate: float,
                  steps: int | None, budget_seconds: float | None, time_step) -> PrivacyPlan:
-    """The step count (given, or the time budget over one timed step: ``time_step()`` returns seconds)
-    and the noise multiplier calibrated to it."""
+    """The step count (given, or what is left of the time budget after the timing, over one timed step:
+    ``time_step()`` returns seconds) and the noise multiplier calibrated to it."""
     step_seconds = None
     if steps is None:
+        started = time.monotonic()
         step_seconds = time_step()
-        steps = max(1, int(budget_seconds * BUDGET_SHARE / step_seconds))
+        left = budget_seconds - (time.monotonic() - started)
+        steps = max(1, int(left * BUDGET_SHARE / step_seconds))
     sigma = noise_multiplier(epsilon, delta, sample_rate, steps)
     return PrivacyPlan(epsilon, delta, sigma, sample_rate, steps, clip, private_images,
                        None if step_seconds is None else round(step_seconds, 4))
@@ -238,9 +241,10 @@ def private_dm(source, s, progress, shards, checkpoint=None, resume: bool = Fals
             return sorted(times[1:])[len(times[1:]) // 2]
 
         plan = plan_privacy(dp["epsilon"], dp["delta"], dp["clip"], n, rate, s.iterations if not s.time_budget else None,
-                            s.time_budget, time_step)
+                            s.time_budget and s.time_budget - run.elapsed(), time_step)  # the budget left after the set-up
         run.aux["plan"] = shards.main_says(asdict(plan))
-    run.s = type(s)(**{**asdict(s), "iterations": run.aux["plan"]["steps"], "time_budget": None})  # the count ends the run
+    # the count ends the run; so does the time budget if the machine slows down after the timing (fewer steps spend less epsilon)
+    run.s = type(s)(**{**asdict(s), "iterations": run.aux["plan"]["steps"]})
     with run.saving_on_interrupt():
         while run.next_iteration():
             chosen = torch.rand(n, generator=sampling) < rate  # Poisson sampling (each process uses its own classes' images)
