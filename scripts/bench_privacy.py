@@ -21,7 +21,7 @@ as members and the others as non-members (LiRA's reference models train on the t
 mislabelled image can only be recognised by a model that saw it, so this is where leakage shows.
 
     DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --datasets mnist,fashion-mnist --ipc 10,50 --epsilons 1,10 --budget 15m --audit
-    DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --datasets mnist --ipc 10 --epsilons 1,10 --budget 3m --baselines "" --canaries 500
+    DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --datasets mnist --ipc 10 --epsilons 1,10 --budget 3m --skip-condensation --canaries 500 --merge
     DATAFREE_DATA=../shared/data python scripts/bench_privacy.py --quick      # a smoke run of the script
 
 Writes ``bench/privacy.json`` (after every row, with the command and the machine) and the tables into
@@ -222,6 +222,10 @@ def canary_rows(dataset: str, args, base: Path) -> dict:
                                  *[(f"DP eps {float(e):g}", float(e), None) for e in args.epsilons.split(",")]]:
         out = folder / f"set-{label.replace(' ', '-')}"
         condense_row(str(files["train"]), ipc, epsilon, args.budget, 0, args.epochs, out, init=init)
+        if init == "real":  # how many canaries the set started from: it can only leak those
+            from datafree.outputs.export import init_sources
+
+            label += f", {int((init_sources(out) >= args.canary_clean).sum())} canary starts"
         runs[f"set, {label} (ipc {ipc})"] = out
     return audit_rows(f"{dataset}-canaries", teacher, runs, args.distill_budget, folder, members=str(files["members"]),
                       non_members=str(files["non_members"]), samples=args.canaries, references=args.references,
@@ -245,10 +249,10 @@ def tables(result: dict) -> str:
     lines = [*(f"Command: `{r['command']}` ({r['date']}, {r['machine']})." for r in result.get("runs", [result])), "",
              "| data set | ipc | epsilon | DP condensation % | DP-SGD, same epsilon and minutes % | non-private default % | published |",
              "|---|---|---|---|---|---|---|"]
-    for r in result["condensation"]:
+    for r in sorted(result["condensation"], key=lambda r: (r["dataset"], r["ipc"], r["epsilon"])):
         dp, sgd, plain = r.get("dp", {}), r.get("dp-sgd", {}), r.get("non-private", {})
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['epsilon']:g} | {dp.get('accuracy', '-')} "
-                     f"(eps {dp.get('privacy', {}).get('epsilon_spent', '-')}, {dp.get('privacy', {}).get('steps', '-')} steps) | "
+                     f"(eps {dp.get('privacy', {}).get('epsilon_spent', '-')}, {dp.get('iterations', '-')} of {dp.get('privacy', {}).get('steps', '-')} steps) | "
                      f"{sgd.get('accuracy', '-')} | {plain.get('accuracy', '-')} | {PUBLISHED.get((r['dataset'], r['ipc'], r['epsilon']), '-')} |")
     if result.get("membership"):
         lines += audit_table("Membership (members: the training split; non-members: the test split):", result["membership"])
@@ -277,6 +281,7 @@ def main():
     parser.add_argument("--canary-clean", type=int, default=20000, help="--canaries: clean training images of the canary teacher")
     parser.add_argument("--skip-condensation", action="store_true", help="no condensation table (e.g. the canary audit only)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of --out that this invocation does not redo")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: write the tables of --out into BENCHMARKS.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run: mnist, ipc 1, epsilon 1, 20 s, 1 model x 20 epochs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "privacy.json"))
     parser.add_argument("--no-markdown", action="store_true")
@@ -286,6 +291,9 @@ def main():
         args.distill_budget, args.samples, args.references = "20s", 200, 1
         args.canaries = args.canaries and 50
         args.out, args.no_markdown = str(ROOT / "runs" / "bench" / "privacy_quick.json"), True
+    if args.render_only:  # e.g. after an invocation was stopped between rows (each row is saved when it ends)
+        write_block("privacy", tables(json.loads(Path(args.out).read_text())), "Privacy: DP condensation and membership inference")
+        return
     torch.set_num_threads(2)
     command = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
