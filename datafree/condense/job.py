@@ -219,8 +219,8 @@ def privacy_record(plan: dict, soft_labels: bool) -> dict:
     if soft_labels:
         not_guaranteed.insert(0, "the soft labels: a model trained without DP made them")
     if done < plan["steps"]:
-        record["stopped_early"] = (f"the time budget ran out after {done} of {plan['steps']} planned steps (the machine ran "
-                                   f"slower than its timed steps): epsilon spent is {spent:.3g}, below the target {plan['epsilon']:g}")
+        record["stopped_early"] = (f"the time budget ran out after {done} of {plan['steps']} planned steps (the steps ran slower "
+                                   f"than timed, or the set-up took longer): epsilon spent is {spent:.3g}, below the target {plan['epsilon']:g}")
     return record | {"steps_done": done, "epsilon_spent": round(spent, 4),
                      "guarantee": f"the condensed images{' and hard labels' if soft_labels else ' and labels'} are "
                                   f"({spent:.3g}, {plan['delta']:g})-differentially private with respect to adding or "
