@@ -174,7 +174,7 @@ def plant_canaries(dataset: str, count: int, clean: int, folder: Path, seed: int
     if clean + 2 * count > len(train):
         raise SystemExit(f"--canary-clean {clean} and 2 x {count} canaries exceed the {len(train)} training images")
     g = torch.Generator().manual_seed(seed)
-    pixels = (train.spec.denormalize(train.images) * 255).round().clamp(0, 255).to(torch.uint8)
+    pixels = train.spec.to_uint8(train.images)
     k = train.spec.num_classes
     picked = clean + torch.randperm(len(train) - clean, generator=g)[:2 * count]
     wrong = (train.labels[picked] + torch.randint(1, k, (2 * count,), generator=g)) % k

@@ -202,7 +202,7 @@ def test_a_membership_audit_without_both_sides_is_refused(args, words):
 def _pixels_npz(path, images, labels, spec):
     import numpy as np
 
-    np.savez(path, x=(spec.denormalize(images) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), y=labels.numpy())
+    np.savez(path, x=spec.to_uint8(images).numpy(), y=labels.numpy())
     return str(path)
 
 

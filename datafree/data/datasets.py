@@ -128,6 +128,15 @@ class InputSpec:
         """Map images in this input space back to [0, 1] pixels (not clamped)."""
         return images * self._stat(self.std, images) + self._stat(self.mean, images)
 
+    def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in this input space as 8-bit pixels (clamped to [0, 255]).
+
+        Example:
+            >>> InputSpec(1, 2, (0.5,), (0.5,), ["a"]).to_uint8(torch.tensor([[[[-1.0, 1.0], [0.0, 3.0]]]])).flatten().tolist()
+            [0, 255, 128, 255]
+        """
+        return (self.denormalize(images).clamp(0, 1) * 255).round().to(torch.uint8)
+
     def _stat(self, values, like: torch.Tensor) -> torch.Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 

@@ -112,7 +112,7 @@ def save_image_set(folder, images: torch.Tensor, labels: torch.Tensor, spec: Inp
     if stored is not None:  # multi-formation: the factorised storage; "images" are decoded from it
         tensors["stored"] = stored
     save_tensors(folder / "dataset.safetensors", tensors)
-    pixels = (spec.denormalize(images).clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = spec.to_uint8(images)
     lines, k = [], spec.num_classes
     for i, (img, y) in enumerate(zip(pixels, labels.tolist())):
         sub = class_folder(y, spec.class_names[y], k)

@@ -136,7 +136,7 @@ def check_disjoint(pool, audited: list[torch.Tensor], name: str) -> None:
     """Refuse reference data that holds an audited image (compared as 8-bit pixels): a reference
     model trained on it would be an IN model, and offline LiRA assumes none is."""
     def keys(images: torch.Tensor):
-        return (bytes(x.numpy().tobytes()) for x in (pool.spec.denormalize(images) * 255).round().clamp(0, 255).to(torch.uint8))
+        return (x.numpy().tobytes() for x in pool.spec.to_uint8(images))
 
     seen = {key for part in audited for key in keys(part)}
     shared = sum(key in seen for key in keys(pool.images))
